@@ -1,0 +1,285 @@
+"""One typed configuration for model, objectives, data and training.
+
+Defaults are the paper's `base` recipe; YAML files in `pipeline/configs/` override them and
+dotted CLI overrides (`model.fusion_layers=2`) override the YAML. Unknown keys are errors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class VisionConfig:
+    # timm architecture name; geometry fields below override its defaults (CLIP ViT-B/16 for base).
+    timm_name: str = "vit_base_patch16_clip_224"
+    pretrained: str = ""  # "" = random init; "hub" = timm's pretrained tag; else a local weights file
+    width: int = 768
+    depth: int = 11  # the reference keeps 11 of CLIP's 12 blocks
+    heads: int = 12
+    patch_size: int = 16
+    image_size: int = 288  # pre-training resolution; positional embeddings resampled bicubically
+    max_frames: int = 8
+    attention: str = "factorized"  # "factorized" (frame-batched + global CLS) or "dense" (one masked pass)
+    drop_path: float = 0.0
+
+
+@dataclass
+class TextConfig:
+    pretrained: str = ""  # "" = random init from the geometry below; else a name or path for from_pretrained
+    hidden: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate: int = 3072
+    vocab_size: int = 50265  # must equal the tokenizer's length (checked when the model is built)
+    max_len: int = 50
+    pad_token_id: int = 1  # RoBERTa's <pad>; the tokenizer must agree
+    dropout: float = 0.1
+
+
+@dataclass
+class FusionConfig:
+    layers: int = 6
+    hidden: int = 768
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    itc_dim: int = 256
+    itc_temp_init: float = 0.07
+    mvm_decoder_dim: int = 256  # light MAE decoder, built only when loss.mvm > 0
+
+
+@dataclass
+class LossConfig:
+    # Weights of the total loss (reference: ITC 0.5, ITM 1, MLM 1, SCL 1). A zero weight skips the term.
+    itc: float = 0.5
+    itm: float = 1.0
+    mlm: float = 1.0
+    scl_vision: float = 1.0
+    scl_text: float = 1.0
+    mvm: float = 0.0  # masked vision modeling, off by default
+    itm_negatives: str = "hard"  # "hard" (sampled from ITC similarity) or "random"
+    mlm_prob: float = 0.15
+    scl_text_ratio: float = 0.4
+    scl_patch_ratio: float = 0.8
+    scl_temperature: float = 0.03
+    scl_target: str = "clean"  # "clean" (the ITM positive pass) or "cross" (the other masked pass)
+    schedule: str = "fused"  # "fused" (encode once) or "naive" (one full forward per objective)
+
+
+@dataclass
+class SourceConfig:
+    name: str = ""
+    shards: str = ""  # brace pattern, local path or any URL/pipe webdataset understands
+    modality: str = "image"  # "image" or "video"
+    weight: float = 1.0
+    num_samples: int = 0  # 0 = read from sizes.json / *_stats.json beside the shards
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    tokenizer: str = "roberta-base"  # local tokenizer directory or hub name
+    image_size: int = 288
+    video_size: int = 224
+    num_frames: int = 4
+    batch_size: int = 32  # per rank, per micro-step
+    workers: int = 4
+    mixing: str = "alternate"  # "alternate" (deterministic by weight) or "sample" (per-step sampling)
+    sharding: str = "resample"  # "resample" (with replacement) or "split" (each sample once per epoch)
+    epoch_samples: int = 0  # 0 = total of the sources' counts
+    shuffle_buffer: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/run"
+    steps: int = 100_000
+    lr: float = 1e-5  # backbone learning rate
+    head_lr_mult: float = 5.0  # fusion layers and heads
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 10_000
+    decay: str = "linear"  # "linear" or "cosine"
+    min_lr_ratio: float = 0.0
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    precision: str = "bf16"  # "bf16", "fp16" or "fp32"
+    zero_stage: int = 2
+    ds_config: str = ""  # a ds_configs/*.json file; "" = ds_configs/zero{stage}_{precision}.json
+    offload_optimizer: bool = False
+    activation_checkpointing: bool = False
+    compile: bool = False
+    save_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 50
+    eval_every: int = 0
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    seed: int = 0
+    resume: str = "auto"  # "auto", "none" or a checkpoint directory
+
+
+@dataclass
+class EvalConfig:
+    data: str = ""  # eval shards (brace pattern) or an annotation file
+    modality: str = "image"
+    num_samples: int = 0
+    itm_rerank_k: int = 16  # 0 = ITC only
+    batch_size: int = 64
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(tp, value, where: str):
+    """Build a value of annotated type `tp` from plain YAML data, naming `where` on errors."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _from_dict(cls, data: dict, where: str = ""):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown config key '{key}' (valid keys here: {', '.join(sorted(known))})")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _nested_update(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides) -> dict:
+    """`["model.fusion.layers=2", "train.lr=1e-4"]` -> nested dict; values parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _nested_update(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A config name (`tiny`) or a path to a YAML file."""
+    p = Path(path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    named = CONFIG_DIR / f"{p.name}.yaml" if p.suffix == "" else CONFIG_DIR / p.name
+    if named.exists():
+        return named
+    raise ConfigError(f"config '{path}' not found (named configs: "
+                      f"{', '.join(sorted(q.stem for q in CONFIG_DIR.glob('*.yaml')))})")
+
+
+def load_yaml_tree(path: str | Path | None) -> dict:
+    """The YAML as a dict, following `inherit: <config>` chains (child keys win)."""
+    if path is None:
+        return {}
+    p = resolve_path(path)
+    tree = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    parent = tree.pop("inherit", None)
+    return _deep_merge(load_yaml_tree(parent), tree) if parent else tree
+
+
+def load_config(path: str | Path | None = None, overrides=()) -> Config:
+    """Defaults <- YAML (with `inherit:`) <- dotted overrides, validated into a typed Config."""
+    tree = _deep_merge(load_yaml_tree(path), parse_overrides(overrides))
+    cfg = _coerce(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def _choice(value, allowed, name):
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} must be one of {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    _choice(cfg.model.vision.attention, ("factorized", "dense"), "model.vision.attention")
+    _choice(cfg.loss.itm_negatives, ("hard", "random"), "loss.itm_negatives")
+    _choice(cfg.loss.scl_target, ("clean", "cross"), "loss.scl_target")
+    _choice(cfg.loss.schedule, ("fused", "naive"), "loss.schedule")
+    _choice(cfg.train.precision, ("bf16", "fp16", "fp32"), "train.precision")
+    _choice(cfg.train.decay, ("linear", "cosine"), "train.decay")
+    _choice(cfg.train.zero_stage, (0, 1, 2, 3), "train.zero_stage")
+    _choice(cfg.data.mixing, ("alternate", "sample"), "data.mixing")
+    _choice(cfg.data.sharding, ("resample", "split"), "data.sharding")
+    for s in cfg.data.sources:
+        _choice(s.modality, ("image", "video"), f"data.sources[{s.name}].modality")
+    if not 0 < cfg.data.num_frames <= cfg.model.vision.max_frames:
+        raise ConfigError(f"data.num_frames={cfg.data.num_frames} must be in 1..model.vision.max_frames"
+                          f"={cfg.model.vision.max_frames}")
+    for name in ("scl_text_ratio", "scl_patch_ratio", "mlm_prob"):
+        if not 0.0 <= getattr(cfg.loss, name) < 1.0:
+            raise ConfigError(f"loss.{name} must be in [0, 1)")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,57 @@
+"""Small heads on top of the encoders and the fusion."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block
+
+
+class Pooler(nn.Module):
+    """Linear + Tanh on a global token (METER / BERT pooler)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dense, self.act = nn.Linear(dim, dim), nn.Tanh()
+
+    def forward(self, x):
+        return self.act(self.dense(x))
+
+
+class MLMHead(nn.Module):
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__()
+        self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim))
+        self.decoder = nn.Linear(dim, vocab_size)
+
+    def forward(self, x):
+        return self.decoder(self.transform(x))
+
+
+class MVMDecoder(nn.Module):
+    """A light MAE decoder: one transformer block per frame over visible tokens + mask tokens.
+
+    Its positional embedding is a projection of the encoder's (already resampled to the grid), so
+    it works at every resolution the encoder does.
+    """
+
+    def __init__(self, enc_dim: int, dim: int, heads: int, patch_size: int):
+        super().__init__()
+        self.embed, self.pos = nn.Linear(enc_dim, dim), nn.Linear(enc_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.block = Block(dim, heads)
+        self.norm = nn.LayerNorm(dim)
+        self.pred = nn.Linear(dim, patch_size * patch_size * 3)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, tokens, keep, enc_pos):
+        """tokens [B, T, 1+K, C] (visible), keep [B, K], enc_pos [1, 1+N, C] -> pixels [B, T, N, p*p*3]."""
+        b, t, _, _ = tokens.shape
+        n = enc_pos.shape[1] - 1
+        x = self.mask_token.expand(b, t, n + 1, -1).clone()
+        vis = self.embed(tokens)
+        x[:, :, 0] = vis[:, :, 0]
+        idx = keep[:, None, :, None].expand(b, t, keep.shape[1], x.shape[-1])
+        x = x.scatter(2, idx + 1, vis[:, :, 1:])
+        x = (x + self.pos(enc_pos)[:, None]).flatten(0, 1)
+        x = self.norm(self.block(x))
+        return self.pred(x[:, 1:]).reshape(b, t, n, -1)

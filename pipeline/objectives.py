@@ -1,0 +1,87 @@
+"""Pre-training losses as pure functions of tensors (no model, no I/O), each testable on its formula.
+
+    contrastive_loss  symmetric InfoNCE, both directions summed (ITC and SCL)
+    itm_loss          binary image-text matching cross-entropy
+    mlm_loss          masked language modeling cross-entropy on masked positions only
+    mvm_loss          MAE-style regression of normalised pixels on dropped patches
+    sample_itm_negatives  hard (ITC-similarity) or uniform negatives for ITM
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import distributed
+
+IGNORE_INDEX = -100
+
+
+def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature, gather: bool = False) -> torch.Tensor:
+    """L(q,k) = -mean_i log softmax(q kᵀ/τ)_ii - mean_i log softmax(k qᵀ/τ)_ii.
+
+    `q`, `k` are [B, D] and are L2-normalised over the last (feature) dimension; row i of q and
+    row i of k are the positive pair, every other row a negative. With `gather=True` the negatives
+    come from all ranks: each rank scores its own rows against the gathered columns, and the
+    gradient flows back to the rank that owns each row.
+    """
+    q = F.normalize(q.float(), dim=-1)
+    k = F.normalize(k.float(), dim=-1)
+    offset = 0
+    q_all, k_all = q, k
+    if gather and distributed.world_size() > 1:
+        q_all, k_all = distributed.gather_with_grad(q), distributed.gather_with_grad(k)
+        offset = distributed.rank() * q.shape[0]
+    labels = torch.arange(q.shape[0], device=q.device) + offset
+    return (F.cross_entropy(q @ k_all.t() / temperature, labels)
+            + F.cross_entropy(k @ q_all.t() / temperature, labels))
+
+
+def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of [N, 2] match logits against 0/1 labels."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over positions whose label is not IGNORE_INDEX (zero if none is masked)."""
+    logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    if not (labels != IGNORE_INDEX).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+
+
+def patchify(pixels: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, T, C, H, W] -> [B, T, N, patch*patch*C] in row-major patch order (as the ViT embeds them)."""
+    b, t, c, h, w = pixels.shape
+    x = pixels.reshape(b, t, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 1, 3, 5, 4, 6, 2).reshape(b, t, (h // patch) * (w // patch), patch * patch * c)
+
+
+def mvm_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error against per-patch normalised pixels (MAE's norm_pix_loss).
+
+    `pred` and `target` are [..., P] over the dropped patches only.
+    """
+    target = target.float()
+    mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+    target = (target - mean) / (var + 1e-6).sqrt()
+    return F.mse_loss(pred.float(), target)
+
+
+@torch.no_grad()
+def sample_itm_negatives(sim_i2t: torch.Tensor, mode: str = "hard", generator=None):
+    """One negative text per image and one negative image per text.
+
+    `sim_i2t` is the [B, B] ITC similarity. "hard" samples j ≠ i with probability softmax(sim)
+    (ALBEF); "random" samples j ≠ i uniformly. Returns (text_for_image, image_for_text) indices.
+    """
+    b = sim_i2t.shape[0]
+    if b < 2:
+        raise ValueError("ITM negatives need a batch of at least 2 pairs")
+    eye = torch.eye(b, dtype=torch.bool, device=sim_i2t.device)
+
+    def draw(sim):
+        w = torch.softmax(sim.float(), dim=1) if mode == "hard" else torch.ones_like(sim, dtype=torch.float)
+        w = w.masked_fill(eye, 0.0) + (~eye) * 1e-12  # never the positive; never an all-zero row
+        return torch.multinomial(w, 1, generator=generator).squeeze(1)
+
+    return draw(sim_i2t), draw(sim_i2t.t())
