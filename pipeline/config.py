@@ -22,6 +22,7 @@ class VisionConfig:
     pretrained: str = ""  # "" = random init; "hub" = timm's pretrained tag; else a local weights file
     width: int = 768
     depth: int = 11  # the reference keeps 11 of CLIP's 12 blocks
+    pretrained_depth: int = 12  # blocks in the pretrained checkpoint; the first `depth` are kept
     heads: int = 12
     patch_size: int = 16
     image_size: int = 288  # pre-training resolution; positional embeddings resampled bicubically
@@ -101,8 +102,10 @@ class DataConfig:
     mixing: str = "alternate"  # "alternate" (deterministic by weight) or "sample" (per-step sampling)
     sharding: str = "resample"  # "resample" (with replacement) or "split" (each sample once per epoch)
     epoch_samples: int = 0  # 0 = total of the sources' counts
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples shuffled together (a block of consecutive samples)
     seed: int = 0
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop area range for training
+    prefetch: int = 2  # batches each DataLoader worker prepares ahead
 
 
 @dataclass
@@ -257,6 +260,32 @@ def _choice(value, allowed, name):
         raise ConfigError(f"{name}={value!r} must be one of {allowed}")
 
 
+def _validate_data(d: DataConfig) -> None:
+    names = [s.name for s in d.sources if s.name]
+    if len(names) != len(set(names)):
+        raise ConfigError(f"data.sources: names must be unique, got {names}")
+    for i, s in enumerate(d.sources):
+        where = f"data.sources[{s.name or i}]"
+        _choice(s.modality, ("image", "video"), f"{where}.modality")
+        if not s.shards:
+            raise ConfigError(f"{where}.shards is empty")
+        if s.weight <= 0 or s.num_samples < 0:
+            raise ConfigError(f"{where}: weight must be > 0 and num_samples >= 0")
+    if d.sharding == "split":
+        # One pass over every source per epoch: the epoch length and the mix follow the counts.
+        if len({s.weight for s in d.sources}) > 1:
+            raise ConfigError("data.sharding=split reads every source once per epoch; "
+                              "source weights apply only to data.sharding=resample")
+        if d.epoch_samples:
+            raise ConfigError("data.epoch_samples applies only to data.sharding=resample")
+    lo, hi = d.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"data.crop_scale={d.crop_scale} must satisfy 0 < min <= max <= 1")
+    if d.batch_size < 1 or d.workers < 0 or d.prefetch < 1 or d.shuffle_buffer < 1 or d.epoch_samples < 0:
+        raise ConfigError("data: batch_size, prefetch and shuffle_buffer must be >= 1; "
+                          "workers and epoch_samples >= 0")
+
+
 def validate(cfg: Config) -> None:
     _choice(cfg.model.vision.attention, ("factorized", "dense"), "model.vision.attention")
     _choice(cfg.loss.itm_negatives, ("hard", "random"), "loss.itm_negatives")
@@ -267,8 +296,7 @@ def validate(cfg: Config) -> None:
     _choice(cfg.train.zero_stage, (0, 1, 2, 3), "train.zero_stage")
     _choice(cfg.data.mixing, ("alternate", "sample"), "data.mixing")
     _choice(cfg.data.sharding, ("resample", "split"), "data.sharding")
-    for s in cfg.data.sources:
-        _choice(s.modality, ("image", "video"), f"data.sources[{s.name}].modality")
+    _validate_data(cfg.data)
     if not 0 < cfg.data.num_frames <= cfg.model.vision.max_frames:
         raise ConfigError(f"data.num_frames={cfg.data.num_frames} must be in 1..model.vision.max_frames"
                           f"={cfg.model.vision.max_frames}")

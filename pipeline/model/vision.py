@@ -62,22 +62,16 @@ class FlexibleViT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        common = dict(num_classes=0, img_size=cfg.image_size, dynamic_img_size=True,
-                      drop_path_rate=cfg.drop_path)
-        if cfg.pretrained:
-            # Pretrained weights fix the geometry: load the full tower, then keep `depth` blocks.
-            # timm resamples the positional embedding (bicubic) to img_size while loading.
-            overlay = {} if cfg.pretrained == "hub" else {"file": cfg.pretrained}
-            vit = timm.create_model(cfg.timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **common)
-            if (vit.embed_dim, vit.patch_embed.patch_size[0]) != (cfg.width, cfg.patch_size):
-                raise ValueError(f"pretrained {cfg.timm_name} has width {vit.embed_dim} / patch "
-                                 f"{vit.patch_embed.patch_size[0]}, config says {cfg.width} / {cfg.patch_size}")
-            if cfg.depth > len(vit.blocks):
-                raise ValueError(f"model.vision.depth={cfg.depth} > {len(vit.blocks)} pretrained blocks")
-            vit.blocks = vit.blocks[:cfg.depth]
-        else:
-            vit = timm.create_model(cfg.timm_name, pretrained=False, patch_size=cfg.patch_size,
-                                    embed_dim=cfg.width, depth=cfg.depth, num_heads=cfg.heads, **common)
+        if cfg.depth > cfg.pretrained_depth and cfg.pretrained:
+            raise ValueError(f"model.vision.depth={cfg.depth} > pretrained_depth={cfg.pretrained_depth}")
+        # Pretrained weights hold all `pretrained_depth` blocks: load them all, then keep `depth`.
+        # timm resamples the positional embedding (bicubic) to img_size while loading.
+        overlay = {"file": cfg.pretrained} if cfg.pretrained not in ("", "hub") else {}
+        vit = timm.create_model(cfg.timm_name, pretrained=bool(cfg.pretrained), pretrained_cfg_overlay=overlay,
+                                num_classes=0, img_size=cfg.image_size, dynamic_img_size=True,
+                                drop_path_rate=cfg.drop_path, patch_size=cfg.patch_size, embed_dim=cfg.width,
+                                num_heads=cfg.heads, depth=cfg.pretrained_depth if cfg.pretrained else cfg.depth)
+        vit.blocks = vit.blocks[:cfg.depth]
         if vit.cls_token is None or getattr(vit, "no_embed_class", False) or vit.num_prefix_tokens != 1:
             raise ValueError(f"{cfg.timm_name}: need exactly one class token with its own position embedding")
         self.patch_embed, self.cls_token, self.pos_embed = vit.patch_embed, vit.cls_token, vit.pos_embed

@@ -1,0 +1,70 @@
+"""Image decoding and the two spatial transforms: RandomResizedCrop (train) and resize + centre crop (eval).
+
+Both transforms are one PIL `resize(box=...)` call: the crop box is chosen on the source image and
+PIL resamples only that region to the target size. The same box logic serves every frame of a video.
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+
+# CLIP's normalisation (the vision tower starts from CLIP weights), as [3, 1, 1] for CHW arrays.
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32).reshape(3, 1, 1)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32).reshape(3, 1, 1)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+Box = tuple[float, float, float, float]
+
+
+def random_crop_box(width: int, height: int, scale: tuple[float, float], rng: random.Random,
+                    ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Box:
+    """torchvision's RandomResizedCrop.get_params: a box of `scale` of the area and aspect in `ratio`."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+            return (left, top, left + w, top + h)
+    return center_crop_box(width, height)  # extreme aspect ratios: fall back like torchvision
+
+
+def center_crop_box(width: int, height: int) -> Box:
+    """The centred square: resizing it to size x size equals resize-shorter-side + centre crop."""
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return (left, top, left + side, top + side)
+
+
+def crop_resize(img: Image.Image, box: Box, size: int) -> np.ndarray:
+    """Crop `box`, resize to size x size, normalise -> float32 [3, size, size].
+
+    NumPy rather than torch: torch's intra-op threads make these small per-sample ops ~100x
+    slower when the cores are busy (and the loader runs exactly where they are).
+    """
+    x = np.asarray(img.resize((size, size), Image.BICUBIC, box=box), dtype=np.float32)
+    return (x.transpose(2, 0, 1) / 255.0 - CLIP_MEAN) / CLIP_STD
+
+
+def decode_image(data: bytes, size: int, rng: random.Random | None = None,
+                 scale: tuple[float, float] = (0.5, 1.0)) -> torch.Tensor:
+    """Encoded image -> [3, size, size]; random crop when `rng` is given, else centre crop (eval).
+
+    JPEGs are decoded at a reduced scale (PIL `draft`) when even the smallest training crop would
+    still cover `size` pixels, which saves most of the decode time for large photos.
+    """
+    img = Image.open(io.BytesIO(data))
+    if img.format == "JPEG":
+        need = math.ceil(size / math.sqrt(scale[0])) if rng is not None else size
+        img.draft("RGB", (need, need))
+    img = img.convert("RGB")  # forces the full decode, so corrupt data raises here
+    box = random_crop_box(*img.size, scale, rng) if rng is not None else center_crop_box(*img.size)
+    return torch.from_numpy(crop_resize(img, box, size))
