@@ -1,0 +1,317 @@
+"""Sources, their sample counts, and resumable streams of raw samples read out of tar shards.
+
+A source's shards are read one by one with webdataset's `gopen` (local paths, file:, http(s),
+`pipe:` commands, ...) and its tar iterator; members are grouped into samples by key here, shard by
+shard, so a truncated tar or a key repeated at a shard boundary costs one sample or one shard's rest,
+never the run. Every such loss is counted per reason (`Skips`) and logged.
+
+A stream walks a sequence of shard segments (a pass) in blocks of `block` consecutive samples; each
+block is shuffled with a seed of its own. Its position is a cursor (pass, block, offset), so a
+stream can restart exactly where an earlier one stopped, without re-reading what came before.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+from urllib.parse import urlparse
+
+from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from pipeline.data.schedule import derive_seed
+
+log = logging.getLogger("pipeline.data")
+
+
+class DataError(RuntimeError):
+    """The data cannot feed a run: no sample counts, no shards, or a source with no usable sample."""
+
+
+@dataclass
+class Source:
+    name: str
+    modality: str  # "image" or "video"
+    weight: float
+    urls: list[str]
+    counts: list[int]  # samples per shard, as declared by sizes.json / _stats.json / num_samples
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
+# ---- shard lists and sample counts ----
+
+def expand_shards(pattern: str) -> list[str]:
+    """Brace pattern(s) (`a/{00000..00009}.tar`, `::`-separated lists, URLs, pipes) or a local folder."""
+    if os.path.isdir(pattern):
+        return sorted(str(p) for p in Path(pattern).glob("*.tar"))
+    return expand_urls(pattern)
+
+
+def _is_local(url: str) -> bool:
+    return urlparse(url).scheme in ("", "file")
+
+
+def _local_path(url: str) -> str:
+    return urlparse(url).path if url.startswith("file:") else url
+
+
+def _read_json_near(url: str, name: str):
+    """JSON file `name` in the shard's folder (local or http[s]); None when absent or unreachable."""
+    folder = url.rsplit("/", 1)[0] if "/" in url else "."
+    target = f"{folder}/{name}"
+    try:
+        if _is_local(url):
+            path = _local_path(target)
+            return json.loads(Path(path).read_text()) if os.path.exists(path) else None
+        if urlparse(url).scheme in ("http", "https"):
+            with urllib.request.urlopen(target, timeout=10) as f:
+                return json.loads(f.read())
+    except (OSError, ValueError) as err:
+        log.warning("cannot read %s: %s", target, err)
+    return None
+
+
+def _stats_count(url: str):
+    """img2dataset's `<shard>_stats.json` beside a local shard: its "successes"."""
+    if not _is_local(url):
+        return None
+    stats = _read_json_near(url, url.rsplit("/", 1)[-1].rsplit(".", 1)[0] + "_stats.json")
+    return stats.get("successes") if isinstance(stats, dict) else None
+
+
+def resolve_source(name: str, modality: str, weight: float, pattern: str, num_samples: int = 0) -> Source:
+    """Expand a source's shards and find how many samples each holds.
+
+    Per-shard counts come from the folder's sizes.json (dataprep's index: shards it leaves out are
+    flagged broken and are skipped), else each shard's _stats.json. An explicit `num_samples` is the
+    source's size; it is spread evenly over the shards when their own counts are missing or disagree.
+    """
+    urls = expand_shards(pattern)
+    if not urls:
+        raise DataError(f"source {name}: '{pattern}' names no shards")
+    sizes, kept, counts, excluded, unknown = {}, [], [], [], []
+    for url in urls:
+        folder, base = url.rsplit("/", 1) if "/" in url else (".", url)
+        if folder not in sizes:
+            sizes[folder] = _read_json_near(url, "sizes.json")
+        index = sizes[folder]
+        if isinstance(index, dict):
+            if base not in index:
+                excluded.append(url)
+                continue
+            count = int(index[base])
+        else:
+            count = _stats_count(url)
+        if count is None:
+            unknown.append(url)
+        kept.append(url)
+        counts.append(count)
+    if excluded:
+        log.warning("source %s: %d shard(s) not listed in sizes.json are skipped (e.g. %s)",
+                    name, len(excluded), excluded[0])
+    if not kept:
+        raise DataError(f"source {name}: none of the {len(urls)} shards of '{pattern}' is listed in sizes.json")
+    if num_samples > 0:
+        if unknown or sum(counts) != num_samples:
+            if not unknown:
+                log.warning("source %s: num_samples=%d but the shards' counts total %d; using %d",
+                            name, num_samples, sum(counts), num_samples)
+            q, r = divmod(num_samples, len(kept))
+            counts = [q + (i < r) for i in range(len(kept))]
+    elif unknown:
+        raise DataError(f"source {name}: no sample count for {unknown[0]} ({len(unknown)} shard(s) without one): "
+                        "write sizes.json (dataprep validate), keep img2dataset's *_stats.json beside the "
+                        "shards, or set num_samples for the source")
+    if sum(counts) == 0:
+        raise DataError(f"source {name}: its shards hold no samples")
+    return Source(name, modality, weight, kept, counts)
+
+
+# ---- skipped-sample accounting ----
+
+class Skips:
+    """Counts lost samples per reason and logs them (every one up to `log_limit` per reason)."""
+
+    def __init__(self, where: str = "", log_limit: int = 20):
+        self.where, self.log_limit = where, log_limit
+        self.pending: Counter = Counter()
+        self._logged: Counter = Counter()
+
+    def add(self, reason: str, detail: str, n: int = 1) -> None:
+        self.pending[reason] += n
+        self._logged[reason] += 1
+        if self._logged[reason] <= self.log_limit:
+            log.warning("skipped (%s) %s%s", reason, detail, f" [{self.where}]" if self.where else "")
+            if self._logged[reason] == self.log_limit:
+                log.warning("further '%s' skips%s are only counted", reason,
+                            f" in {self.where}" if self.where else "")
+
+    def drain(self) -> dict:
+        out = dict(self.pending)
+        self.pending.clear()
+        return out
+
+
+# ---- reading shards ----
+
+@dataclass
+class RawSample:
+    key: str
+    url: str
+    files: dict[str, bytes] = field(default_factory=dict)  # extension -> bytes
+    problem: str = ""  # a reason to skip it, found while reading
+
+    def digest(self) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        for ext in sorted(self.files):
+            h.update(ext.encode() + b"\0" + self.files[ext])
+        return h.digest()
+
+
+def _group(url: str, members) -> Iterator[RawSample]:
+    """Tar members -> samples: consecutive files sharing a key (webdataset's naming rule)."""
+    current = None
+    for member in members:
+        key, ext = base_plus_ext(member["fname"])
+        if key is None:
+            continue
+        if current is None or key != current.key:
+            if current is not None:
+                yield current
+            current = RawSample(key, url)
+        if ext.lower() in current.files:
+            current.problem = "duplicate_key"  # the same file twice under one key
+        current.files[ext.lower()] = member["data"]
+    if current is not None:
+        yield current
+
+
+def read_shard(url: str, skips: Skips, skip: int = 0, limit: int | None = None) -> Iterator[RawSample]:
+    """Samples `skip` .. `skip + limit` of one shard.
+
+    An unreadable shard or a truncated tar ends the shard there (counted once; the sample being read
+    is lost with it: a sample is complete only once the next key or the clean end is seen). A shard
+    that ends cleanly before `skip + limit` samples is counted as short.
+    """
+    end = None if limit is None else skip + limit
+    index, stream = 0, None
+    try:
+        stream = gopen(url, "rb")
+        for sample in _group(url, tar_file_iterator(stream)):
+            if end is not None and index >= end:
+                break
+            if index >= skip:
+                yield sample
+            index += 1
+    except Exception as err:  # noqa: BLE001 - any reader failure costs this shard only
+        skips.add("unreadable_shard" if stream is None else "truncated_tar", f"{url} after {index} samples: {err}")
+        return
+    finally:
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # noqa: BLE001 - a pipe stopped early may complain on close
+                pass
+    if end is not None and index < end:
+        skips.add("short_shard", f"{url}: {index} samples, {end} declared")
+
+
+# ---- resumable streams ----
+
+Segment = tuple[str, int, int]  # (url, first sample in the shard, number of samples)
+
+
+def ranges_to_segments(urls: list[str], counts: list[int], start: int, length: int) -> list[Segment]:
+    """The global sample range [start, start+length) of shards laid end to end, as per-shard segments."""
+    out, offset = [], 0
+    for url, n in zip(urls, counts):
+        lo, hi = max(start, offset), min(start + length, offset + n)
+        if lo < hi:
+            out.append((url, lo - offset, hi - lo))
+        offset += n
+    return out
+
+
+class SampleStream:
+    """Raw samples of one source for one reader (rank x worker slot), in shuffled blocks.
+
+    `passes(p)` gives pass p's segments (finite, or endless for resampling). Iterating yields
+    (sample, cursor) where the cursor marks the position just after that sample. `mark_good()` is
+    called by the consumer for each sample it could use; if every shard of the source has been read
+    to its end since the last good sample, the source is unusable and the stream raises.
+    """
+
+    def __init__(self, source: Source, passes: Callable[[int], Iterator[Segment]], block: int,
+                 seed_parts: tuple, skips: Skips, cursor=(0, 0, 0)):
+        self.source, self.passes, self.block = source, passes, block
+        self.seed_parts, self.skips, self.cursor = seed_parts, skips, tuple(cursor)
+        self._dead: set[str] = set()  # shards read to their end since the last good sample
+        self._boundary: dict[str, tuple[str, bytes]] = {}  # key -> (url, digest) of shards' first/last samples
+        self._counts = dict(zip(source.urls, source.counts))
+
+    def mark_good(self) -> None:
+        self._dead.clear()
+
+    def _check_boundary(self, s: RawSample) -> None:
+        """Flag a shard-edge sample whose key and content were already seen at another shard's edge."""
+        digest = s.digest()
+        seen = self._boundary.get(s.key)
+        if seen is not None and seen[0] != s.url and seen[1] == digest:
+            s.problem = s.problem or "duplicate_key"
+        else:
+            self._boundary[s.key] = (s.url, digest)
+
+    def _positions(self, segments: Iterator[Segment], begin: int) -> Iterator[tuple[int, RawSample]]:
+        """(position in the pass, sample) from position `begin` on; segments before it are not opened."""
+        pos = 0
+        for url, first, n in segments:
+            if pos + n <= begin:
+                pos += n
+                continue
+            skip = max(0, begin - pos)
+            to_end = first + n == self._counts[url]
+            held = None  # one sample held back to know whether it is the shard's last
+            for i, s in enumerate(read_shard(url, self.skips, first + skip, n - skip)):
+                if first + skip + i == 0:
+                    self._check_boundary(s)
+                if held is not None:
+                    yield held
+                held = (pos + skip + i, s)
+            if held is not None:
+                if to_end:
+                    self._check_boundary(held[1])
+                yield held
+            if to_end:
+                self._dead.add(url)
+            pos += n
+
+    def __iter__(self) -> Iterator[tuple[RawSample, tuple[int, int, int]]]:
+        p, b, o = self.cursor
+        while True:
+            items, block_of = [], b
+            for pos, sample in self._positions(self.passes(p), b * self.block):
+                if pos // self.block != block_of:
+                    yield from self._emit(p, block_of, items, o)
+                    items, block_of, o = [], pos // self.block, 0
+                items.append(sample)
+            yield from self._emit(p, block_of, items, o)
+            p, b, o = p + 1, 0, 0
+
+    def _emit(self, p: int, block: int, items: list, offset: int):
+        random.Random(derive_seed(*self.seed_parts, p, block)).shuffle(items)
+        for j in range(offset, len(items)):
+            yield items[j], (p, block, j + 1)
+        if len(self._dead) >= len(self._counts):
+            raise DataError(f"source {self.source.name}: no usable sample in any of its "
+                            f"{len(self._counts)} shards (see the skip counts)")
