@@ -1,0 +1,48 @@
+"""Evaluation samples: every sample of some shards, in shard order, with deterministic transforms."""
+from __future__ import annotations
+
+from pipeline.data.samples import BadSample, decode_sample
+from pipeline.data.shards import DataError, Skips, expand_shards, read_shard
+
+
+class EvalSamples:
+    """Iterable of (key, pixels [T, 3, H, W], captions); bad samples are skipped and counted in `skipped`.
+
+    Images: resize + centre crop to data.image_size; videos: data.num_frames frames taken uniformly,
+    centre crop to data.video_size. Iterating again gives the same samples in the same order.
+    """
+
+    def __init__(self, shards: str, modality: str, cfg, num_samples: int | None = None):
+        if modality not in ("image", "video"):
+            raise ValueError(f"modality={modality!r} must be 'image' or 'video'")
+        self.urls = expand_shards(shards)
+        if not self.urls:
+            raise DataError(f"eval shards '{shards}' name no files")
+        self.modality, self.cfg = modality, cfg
+        self.num_samples = num_samples if num_samples is not None else (cfg.eval.num_samples or None)
+        self.skipped: dict = {}
+
+    def __iter__(self):
+        d = self.cfg.data
+        size, frames = (d.video_size, d.num_frames) if self.modality == "video" else (d.image_size, 1)
+        skips, count = Skips("eval"), 0
+        self.skipped = skips.pending  # live counts, readable while iterating
+        for url in self.urls:
+            for raw in read_shard(url, skips):
+                if self.num_samples is not None and count >= self.num_samples:
+                    return
+                try:
+                    pixels, captions = decode_sample(raw, self.modality, size, frames, None, d.crop_scale)
+                except BadSample as bad:
+                    skips.add(bad.reason, f"{raw.url} key {raw.key}: {bad}")
+                    continue
+                count += 1
+                yield raw.key, pixels, captions
+        if count == 0:
+            raise DataError(f"eval shards {self.urls[0]}... hold no usable {self.modality} sample "
+                            f"(skipped: {self.skipped})")
+
+
+def build_eval_samples(shards: str, modality: str, cfg, num_samples: int | None = None) -> EvalSamples:
+    """Samples for retrieval evaluation (num_samples: None = cfg.eval.num_samples, 0 there = all)."""
+    return EvalSamples(shards, modality, cfg, num_samples)
