@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the project and its dependencies into the current Python (idempotent, quick when done).
+# torch and torchvision go first, in one call, so pip never resolves torch on its own: the pair
+# torch 2.14.1 / torchvision 0.29.1 is the one timm works with on these machines.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+stamp_dir=${XDG_CACHE_HOME:-$HOME/.cache}/scl-pretrain
+stamp="$stamp_dir/setup-$(cat setup.cfg scripts/setup.sh | sha1sum | cut -c1-12)-$(pwd | sha1sum | cut -c1-8)"
+if [ -f "$stamp" ] && "$PY" -c "import pipeline, deepspeed, timm, webdataset, img2dataset, submitit" 2>/dev/null; then
+  exit 0
+fi
+echo "[setup] installing torch, torchvision and the project (pip)"
+"$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
+"$PY" -m pip install -q -e '.[test]'
+mkdir -p "$stamp_dir" && touch "$stamp"
