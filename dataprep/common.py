@@ -53,7 +53,7 @@ def failure_reason(message: str | None) -> str:
     for pattern, name in _REASON_PATTERNS:
         m = pattern.search(message)
         if m:
-            return name
+            return name(m)
     text = re.sub(r"0x[0-9a-fA-F]+|\d+", "N", message.strip().lower())
     return "other: " + text[:80]
 

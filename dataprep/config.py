@@ -30,12 +30,14 @@ class CorpusConfig:
     output_dir: str = "{data_root}/shards/{name}"
     eval_input: str | None = None  # a held-out split, prepared the same way into eval_output_dir
     eval_output_dir: str | None = None
+    eval_reader: dict = field(default_factory=dict)  # reader options that differ for the eval split
     shard_size: int = 10000
     processes: int = 1
     threads: int = 32
     retries: int = 2
     timeout: float = 10
     incremental: bool = True  # skip finished shards; False starts the shard folder afresh
+    table_changed: str = "error"  # or "fresh": when the table differs from the one the shards came from
     # images (img2dataset's options)
     image_size: int = 256
     resize_mode: str = "keep_ratio"
@@ -113,6 +115,8 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> C
     if data.get("max_aspect_ratio") in (None, "inf"):
         data.pop("max_aspect_ratio", None)
     cfg = CorpusConfig(**data).resolved()
+    if cfg.table_changed not in ("error", "fresh"):
+        raise DataprepError(f"table_changed must be error or fresh, not {cfg.table_changed!r}")
     if cfg.modality not in ("image", "video"):
         raise DataprepError(f"modality must be image or video, not {cfg.modality!r}")
     return cfg

@@ -193,6 +193,9 @@ def read_vg(path: str, image_root: str = "", one_row_per: str = "caption",
         for region in entry.get("regions", []):
             n_read += 1
             phrase = " ".join(str(region.get("phrase", "")).split())
+            if not phrase:
+                rejected["empty caption"] += 1
+                continue
             if phrase.lower() in seen:
                 rejected["duplicate phrase in image"] += 1
                 continue
@@ -333,6 +336,8 @@ def normalise(result: ReadResult, source: str, url_template: str | None = None,
             rejected[reason] += 1
         keep.append(reason is None)
     df["caption"] = captions
+    if "captions" in df.columns:  # the per-image caption lists get the same clean-up
+        df["captions"] = [[" ".join(str(c).split()) for c in cs if not _is_missing(c)] for cs in df["captions"]]
     df = df[keep].copy()
     df[loc] = df[loc].astype(str).str.strip()
     df["key"] = df["key"].astype(str)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 from collections import Counter
 
 import pandas as pd
@@ -27,6 +28,7 @@ from .videos import VideoOptions, VideoProcessor
 
 TABLE = "_prep/annotations.parquet"
 TABLE_REPORT = "_prep/annotations.json"
+SHARDS_FROM = "_prep/shards_from.json"
 
 
 def _say(stage: str, cfg: CorpusConfig, text: str) -> None:
@@ -70,8 +72,7 @@ def download(cfg: CorpusConfig) -> dict:
         raise DataprepError(f"{cfg.name}: no table at {join(root, TABLE)}; run the annotations stage first")
     with fs.open(join(root, TABLE), "rb") as f:
         df = pd.read_parquet(f)
-    if not cfg.incremental:
-        _say("download", cfg, f"fresh start: removed {remove_shards(cfg.output_dir)} shard files")
+    _check_table(cfg, df)
     n_shards = -(-len(df) // cfg.shard_size)
     done_before = finished_shards(cfg.output_dir)
     todo = [i for i in range(n_shards) if i not in done_before]
@@ -91,6 +92,32 @@ def download(cfg: CorpusConfig) -> dict:
                           f"succeeded {summary['succeeded']}, failed {summary['failed']} ({reasons}); "
                           f"{summary['duration_s']:.1f}s of work")
     return summary
+
+
+def table_fingerprint(df: pd.DataFrame) -> str:
+    """Identifies the rows (location, caption, key), ignoring the URL's host: the same corpus served
+    from a mirror, or from a loopback server on another port, is the same corpus."""
+    loc = "url" if "url" in df.columns else "path"
+    where = df[loc].astype(str).str.replace(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*", "", regex=True)
+    hashed = pd.util.hash_pandas_object(pd.DataFrame({"loc": where, "caption": df["caption"], "key": df["key"]}),
+                                        index=False)
+    return hashlib.sha256(hashed.values.tobytes()).hexdigest()
+
+
+def _check_table(cfg: CorpusConfig, df: pd.DataFrame) -> None:
+    """Finished shards are reused only for the table they were made from."""
+    fs, root = url_to_fs(cfg.output_dir)
+    record = join(root, SHARDS_FROM)
+    fingerprint = table_fingerprint(df)
+    fresh = not cfg.incremental
+    if finished_shards(cfg.output_dir) and fs.exists(record) and read_json(fs, record)["table"] != fingerprint:
+        if cfg.table_changed != "fresh":
+            raise DataprepError(f"{cfg.output_dir}: the annotation table changed since its shards were written; "
+                                "run the download with --fresh to rebuild them")
+        fresh = True
+    if fresh:
+        _say("download", cfg, f"fresh start: removed {remove_shards(cfg.output_dir)} shard files")
+    write_json(fs, record, {"table": fingerprint, "rows": int(len(df))})
 
 
 def _img2dataset(cfg: CorpusConfig, df: pd.DataFrame, root: str) -> None:
@@ -141,7 +168,8 @@ def splits(cfg: CorpusConfig) -> dict[str, CorpusConfig]:
     """The corpus and, where configured, its held-out split (same settings, own files)."""
     out = {"train": cfg}
     if cfg.eval_input and cfg.eval_output_dir:
-        out["eval"] = dataclasses.replace(cfg, input=cfg.eval_input, output_dir=cfg.eval_output_dir)
+        out["eval"] = dataclasses.replace(cfg, input=cfg.eval_input, output_dir=cfg.eval_output_dir,
+                                          reader={**cfg.reader, **cfg.eval_reader})
     return out
 
 
@@ -161,13 +189,18 @@ def synthetic_source(cfg: CorpusConfig):
         yield paths
 
 
-def run(cfg: CorpusConfig, decode: bool = True) -> dict:
-    """All stages for the corpus and its eval split; returns {split: validation report}."""
+def run_splits(cfg: CorpusConfig, decode: bool = True) -> dict:
+    """annotations -> download -> validate for the corpus and its eval split; {split: report}."""
     reports = {}
-    with synthetic_source(cfg):
-        for split, split_cfg in splits(cfg).items():
-            _say("run", cfg, f"{split} split -> {split_cfg.output_dir}")
-            annotations(split_cfg)
-            download(split_cfg)
-            reports[split] = validate_stage(split_cfg, decode)
+    for split, split_cfg in splits(cfg).items():
+        _say("run", cfg, f"{split} split -> {split_cfg.output_dir}")
+        annotations(split_cfg)
+        download(split_cfg)
+        reports[split] = validate_stage(split_cfg, decode)
     return reports
+
+
+def run(cfg: CorpusConfig, decode: bool = True) -> dict:
+    """Every stage; a synthetic corpus is generated and served on loopback meanwhile."""
+    with synthetic_source(cfg):
+        return run_splits(cfg, decode)
