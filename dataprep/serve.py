@@ -7,6 +7,7 @@ would against the internet; nothing listens beyond 127.0.0.1.
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,15 @@ class _Handler(SimpleHTTPRequestHandler):
         super().do_GET()
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # A client that hangs up early (a killed downloader, a timeout) is normal here.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class LoopbackServer:
     """Serve `root` on 127.0.0.1 at a free port, in a background thread.
 
@@ -71,10 +81,7 @@ class LoopbackServer:
             raise FileNotFoundError(f"cannot serve {self.root}: not a folder")
         self.faults = faults or Faults()
         handler = type("Handler", (_Handler,), {"faults": self.faults})
-        self._httpd = ThreadingHTTPServer(
-            ("127.0.0.1", port), functools.partial(handler, directory=str(self.root))
-        )
-        self._httpd.daemon_threads = True
+        self._httpd = _Server(("127.0.0.1", port), functools.partial(handler, directory=str(self.root)))
         self._thread: threading.Thread | None = None
 
     @property
