@@ -171,15 +171,25 @@ def evaluate_retrieval(model, samples, tokenizer, cfg, device=None, rerank_k=Non
     return metrics
 
 
+def load_eval_set(data: str, modality: str, cfg, folder: str | None = None, num_samples: int | None = None):
+    """Eval shards (a brace pattern, as dataprep writes them) or an annotation file beside a media folder."""
+    from pipeline.data import build_eval_samples
+    from pipeline.data.annotations import ANNOTATION_SUFFIXES, AnnotationSamples
+
+    if data.endswith(ANNOTATION_SUFFIXES):
+        return AnnotationSamples(data, modality, cfg, folder, num_samples or cfg.eval.num_samples or None)
+    return build_eval_samples(data, modality, cfg, num_samples)
+
+
 def evaluate_during_training(model, cfg, step) -> dict:
     """The trainer's hook: evaluate `cfg.eval.data` and return scalars for TensorBoard."""
-    from pipeline.data import build_eval_samples, load_tokenizer
+    from pipeline.data import load_tokenizer
 
-    samples = build_eval_samples(cfg.eval.data, cfg.eval.modality, cfg)
+    samples = load_eval_set(cfg.eval.data, cfg.eval.modality, cfg)
     metrics = evaluate_retrieval(model, samples, load_tokenizer(cfg.data.tokenizer), cfg)
     if distributed.is_main():
         log.info("step %d retrieval: %s", step, format_metrics(metrics))
-    return {f"eval/{k}": v for k, v in metrics.items() if not k.startswith("chance_")}
+    return {k: v for k, v in metrics.items() if not k.startswith("chance_")}
 
 
 def format_metrics(m: dict) -> str:

@@ -113,3 +113,23 @@ def test_distributed_evaluation_equals_single_rank(tiny):
         assert out[rank].keys() == single.keys()
         for k, v in single.items():
             assert out[rank][k] == pytest.approx(v, abs=1e-6), k
+
+
+def test_real_coco_bookkeeping(tiny, shared_data):
+    """Real COCO images with 5 human captions each: ids, counts and chance level on real data."""
+    import json
+
+    cfg, tok = tiny
+    ann = shared_data / "coco_239" / "captions.jsonl"
+    rows = [json.loads(line) for line in ann.read_text().splitlines()][:40]
+    samples = list(retrieval.load_eval_set(str(ann), "image", cfg, num_samples=40))
+    assert [k for k, _, _ in samples] == [f"{r['coco_id']:012d}" for r in rows]
+    assert [c for _, _, c in samples] == [[c.strip() for c in r["captions"]] for r in rows]
+    assert all(p.shape == (1, 3, 32, 32) for _, p, _ in samples)
+    torch.manual_seed(0)
+    m = retrieval.evaluate_retrieval(build_model(cfg), samples, tok, cfg, rerank_k=0)
+    n_caps = sum(len(r["captions"]) for r in rows)
+    assert (m["n_items"], m["n_captions"]) == (40, n_caps)
+    assert m["chance_t2i_r1"] == pytest.approx(100 / 40)
+    assert m["chance_i2t_r1"] == pytest.approx(100 * 5 / n_caps * 1.0, rel=0.05)  # 5 of n_caps are hits
+    assert 0 <= m["itc_r_mean"] <= 100
