@@ -82,15 +82,24 @@ def test_truncated_shard_yields_its_intact_samples(broken, tok):
     assert intact and intact < {f"b{i}" for i in range(8)}  # some samples, not all
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_source_with_nothing_usable_is_an_error(tmp_path, tok, workers):
+@pytest.mark.parametrize("workers,sharding", [(0, "split"), (1, "resample")])
+def test_source_with_nothing_usable_is_an_error(tmp_path, tok, workers, sharding):
     write_shards(tmp_path / "junk", 2, 3, media=lambda s, i: b"garbage")
-    cfg = tiny_config([dict(name="junk", shards=str(tmp_path / "junk"))], workers=workers, batch_size=2)
+    cfg = tiny_config([dict(name="junk", shards=str(tmp_path / "junk"))], workers=workers, batch_size=2,
+                      sharding=sharding)
     with pytest.raises(DataError, match="no usable sample"):
         list(build_train_loader(cfg, 0, 1, tok))
+    # shards that are not tars at all, and one that is missing: nothing is ever read from them
+    for name in ("00000.tar", "00001.tar"):
+        (tmp_path / "junk" / name).write_bytes(b"\x00" * 700)
+    (tmp_path / "junk" / "sizes.json").write_text(json.dumps({"00000.tar": 3, "00001.tar": 3, "00002.tar": 3}))
+    cfg.data.sources[0].shards = str(tmp_path / "junk" / "{00000..00002}.tar")
+    loader = build_train_loader(cfg, 0, 1, tok)
+    with pytest.raises(DataError, match="no usable sample"):
+        list(loader)
 
 
-def test_eval_samples_order_captions_and_skips(broken, tmp_path, tok):
+def test_eval_samples_order_captions_and_skips(broken, tmp_path):
     root, bad_keys, _ = broken
     cfg = tiny_config([])
     samples = build_eval_samples(str(root / "img" / "00000.tar"), "image", cfg)

@@ -135,7 +135,8 @@ def resolve_source(name: str, modality: str, weight: float, pattern: str, num_sa
                         "shards, or set num_samples for the source")
     if sum(counts) == 0:
         raise DataError(f"source {name}: its shards hold no samples")
-    return Source(name, modality, weight, kept, counts)
+    kept, counts = zip(*[(u, c) for u, c in zip(kept, counts) if c > 0])  # empty shards hold nothing to read
+    return Source(name, modality, weight, list(kept), list(counts))
 
 
 # ---- skipped-sample accounting ----
@@ -272,8 +273,11 @@ class SampleStream:
         else:
             self._boundary[s.key] = (s.url, digest)
 
-    def _positions(self, segments: Iterator[Segment], begin: int) -> Iterator[tuple[int, RawSample]]:
-        """(position in the pass, sample) from position `begin` on; segments before it are not opened."""
+    def _positions(self, segments: Iterator[Segment], begin: int):
+        """(position in the pass, sample) from position `begin` on; segments before it are not opened.
+
+        After each segment comes (end position, None): every position before it has been read.
+        """
         pos = 0
         for url, first, n in segments:
             if pos + n <= begin:
@@ -295,12 +299,20 @@ class SampleStream:
             if to_end:
                 self._dead.add(url)
             pos += n
+            yield pos, None
 
     def __iter__(self) -> Iterator[tuple[RawSample, tuple[int, int, int]]]:
         p, b, o = self.cursor
         while True:
             items, block_of = [], b
             for pos, sample in self._positions(self.passes(p), b * self.block):
+                if sample is None:  # a segment ended; the block may be complete even if shards were short
+                    if pos // self.block > block_of:
+                        yield from self._emit(p, block_of, items, o)
+                        items, block_of, o = [], pos // self.block, 0
+                    elif not items:
+                        self._check_alive()
+                    continue
                 if pos // self.block != block_of:
                     yield from self._emit(p, block_of, items, o)
                     items, block_of, o = [], pos // self.block, 0
@@ -312,6 +324,10 @@ class SampleStream:
         random.Random(derive_seed(*self.seed_parts, p, block)).shuffle(items)
         for j in range(offset, len(items)):
             yield items[j], (p, block, j + 1)
+        self._check_alive()
+
+    def _check_alive(self) -> None:
+        """Called when every sample read so far has been handed out (and judged by the consumer)."""
         if len(self._dead) >= len(self._counts):
             raise DataError(f"source {self.source.name}: no usable sample in any of its "
                             f"{len(self._counts)} shards (see the skip counts)")
