@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES = ("circle", "square", "triangle")
-COLOURS = {"red": (230, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 240), "yellow": (245, 215, 40)}
+SHAPES = ("circle", "square", "triangle", "diamond")
+COLOURS = {"red": (230, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 240), "yellow": (245, 215, 40),
+           "white": (235, 235, 235)}
 # Where a single shape sits: (x range, y range) as fractions of the image side.
 PLACES = {
     "on the left": ((0.2, 0.3), (0.3, 0.7)),
@@ -36,7 +37,7 @@ PLACES = {
 RELATIONS = ("above", "to the left of")
 MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 SPLITS = ("train", "eval")
-VERSION = 1  # bump when the drawing changes, so cached corpora are regenerated
+VERSION = 2  # bump when the drawing changes, so cached corpora are regenerated
 
 
 def vocabulary() -> list[str]:
@@ -78,6 +79,8 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, colour: str, cx: float, c
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == "square":
         draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
     else:
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
 
