@@ -110,7 +110,8 @@ def _check_table(cfg: CorpusConfig, df: pd.DataFrame) -> None:
     record = join(root, SHARDS_FROM)
     fingerprint = table_fingerprint(df)
     fresh = not cfg.incremental
-    if finished_shards(cfg.output_dir) and fs.exists(record) and read_json(fs, record)["table"] != fingerprint:
+    if (not fresh and finished_shards(cfg.output_dir) and fs.exists(record)
+            and read_json(fs, record)["table"] != fingerprint):
         if cfg.table_changed != "fresh":
             raise DataprepError(f"{cfg.output_dir}: the annotation table changed since its shards were written; "
                                 "run the download with --fresh to rebuild them")
