@@ -1,0 +1,348 @@
+"""End-to-end DeepSpeed training on CPU: 2 processes (gloo), real shards, the real loader.
+
+Three launches (process start-up dominates on CPU, so each launch does several things):
+  A  torchrun this file as a driver: `train(cfg)` in-process for ZeRO-1 (with the evaluation
+     hook), ZeRO-2, a ZeRO-2 run stopped by `request_checkpoint()` on one rank, and ZeRO-3; the
+     ZeRO-3 run checks that pretrained ViT weights reach the partitioned parameters, gets a NaN
+     loss once (skipped) and then repeatedly (the run stops, keeping the last good checkpoint).
+  B  torchrun pipeline/pretrain.py (ZeRO-2), SIGKILLed once its step-4 checkpoint is complete.
+  C  deepspeed pipeline/pretrain.py --resume auto: continues B to the end.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 8
+NAN_CALLS_ONCE, NAN_FROM_CALL = 3, 8  # rank 1's forward calls that return a NaN loss (ZeRO-3 run)
+
+WORDS = "red green blue yellow black white dog cat car tree sky sea on the a with near small big".split()
+
+
+# ---------------------------------------------------------------- fixtures: shards, tokenizer, ViT file
+def _write_data(root: Path) -> Path:
+    """Two shards of random-colour images + captions (one corrupt image), a tokenizer, a ViT
+    state dict for `model.vision.pretrained`, and the YAML config of the runs."""
+    import numpy as np
+    import timm
+    import torch
+    from PIL import Image
+    from webdataset import TarWriter
+
+    from pipeline.data import train_tokenizer
+
+    rng = np.random.default_rng(0)
+    captions, sizes = [], {}
+    for s in range(2):
+        name = f"{s:05d}.tar"
+        with TarWriter(str(root / name)) as sink:
+            for i in range(32):
+                buf = io.BytesIO()
+                Image.new("RGB", (24, 20), tuple(int(c) for c in rng.integers(0, 256, 3))).save(buf, "JPEG")
+                jpg = b"not a jpeg" if (s, i) == (1, 5) else buf.getvalue()
+                captions.append(" ".join(rng.choice(WORDS, 6)))
+                sink.write({"__key__": f"{s:04d}{i:05d}", "jpg": jpg, "txt": captions[-1]})
+        sizes[name] = 32
+    (root / "sizes.json").write_text(json.dumps(sizes))
+    train_tokenizer(captions, root / "tokenizer", vocab_size=320)
+    torch.manual_seed(123)
+    vit = timm.create_model("vit_base_patch16_clip_224", pretrained=False, num_classes=0, img_size=32,
+                            patch_size=8, embed_dim=64, depth=2, num_heads=2)
+    torch.save(vit.state_dict(), root / "vit.pth")
+    config = root / "train.yaml"
+    config.write_text(f"""\
+inherit: tiny
+model:
+  vision: {{pretrained: {root}/vit.pth, pretrained_depth: 2, depth: 1, image_size: 16}}
+  text: {{layers: 1, vocab_size: 320, max_len: 16}}
+  fusion: {{layers: 1}}
+data:
+  tokenizer: {root}/tokenizer
+  sources: [{{name: toy, shards: "{root}/{{00000..00001}}.tar"}}]
+  batch_size: 4
+  image_size: 16
+  workers: 0
+train: {{steps: {STEPS}, warmup_steps: 2, lr: 2.0e-3, log_every: 1, save_every: 4, keep_last: 1}}
+""")
+    return config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    # TORCH_EXTENSIONS_DIR (set by conftest) is inherited: DeepSpeed's comm op is compiled once.
+    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _torchrun(args, log: Path, **kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), *map(str, args)]
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, **kw)
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> str:
+    proc.wait(timeout=timeout)
+    text = log.read_text()
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{text[-6000:]}"
+    return text
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts each worker in its own session)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _scalars(run_dir: Path, files=None) -> dict:
+    """{tag: {step: value}} read with TensorBoard's own EventAccumulator (later files win)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict = {}
+    for f in files or sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Launch A in the background while B runs, kill B, then C. Returns the paths."""
+    root = tmp_path_factory.mktemp("train")
+    config = _write_data(root)
+    a = _torchrun([Path(__file__), "--config", config, "--out", root], root / "a.log")
+    b_dir = root / "zero2_resumed"
+    b = _torchrun(["pipeline/pretrain.py", "--config", config, "train.zero_stage=2",
+                   f"train.output_dir={b_dir}"], root / "b.log")
+    latest = b_dir / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not (latest.exists() and latest.read_text().strip() >= "step_00000004"):
+        assert b.poll() is None, f"run B ended before its first checkpoint:\n{(root / 'b.log').read_text()[-4000:]}"
+        assert time.time() < deadline, "run B: no checkpoint in time"
+        time.sleep(0.05)
+    for pid in _descendants(b.pid) + [b.pid]:  # both ranks mid-training, then torchrun
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert b.wait() == -signal.SIGKILL
+    killed_at = int(latest.read_text().strip().split("_")[-1])
+    c = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(_free_port()), "pipeline/pretrain.py", "--config",
+                        str(config), "--resume", "auto", "train.zero_stage=2", f"train.output_dir={b_dir}"],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert c.returncode == 0, c.stdout[-6000:] + c.stderr[-3000:]
+    _finish(a, root / "a.log")
+    return {"root": root, "config": config, "resumed": b_dir, "killed_at": killed_at, "c_log": c.stdout}
+
+
+def _mean(d: dict, steps) -> float:
+    return sum(d[s] for s in steps) / len(steps)
+
+
+@pytest.mark.slow
+def test_each_zero_stage_reduces_the_loss_and_agrees_at_step_one(runs):
+    root = runs["root"]
+    losses = {stage: _scalars(root / f"zero{stage}")["loss/total"] for stage in (1, 2, 3)}
+    for stage, loss in losses.items():
+        last = sorted(loss)[-2:]
+        assert _mean(loss, last) < _mean(loss, [1, 2]) - 0.5, (stage, loss)
+    b_first = _scalars(runs["resumed"], sorted((runs["resumed"] / "tensorboard").glob("events*"))[:1])
+    for loss in (losses[2], losses[3], b_first["loss/total"]):
+        assert loss[1] == pytest.approx(losses[1][1], rel=1e-2)
+
+
+@pytest.mark.slow
+def test_evaluation_hook_metrics_reach_tensorboard(runs):
+    evals = {t: v for t, v in _scalars(runs["root"] / "zero1").items() if t.startswith("eval/")}
+    assert {"eval/itc_i2t_r1", "eval/itm_r_mean"} <= set(evals)
+    assert all(set(v) == {STEPS} for v in evals.values())
+
+
+@pytest.mark.slow
+def test_checkpoint_request_saves_and_returns(runs):
+    root = runs["root"]
+    summary = json.loads((root / "requeue.json").read_text())
+    assert summary["stopped_early"] and summary["step"] == 1
+    assert summary["checkpoint"] == str(root / "requeue" / "checkpoints" / "step_00000001")
+    assert (root / "requeue" / "checkpoints" / "latest").read_text() == "step_00000001"
+
+
+@pytest.mark.slow
+def test_zero3_holds_the_pretrained_vision_weights(runs):
+    report = json.loads((runs["root"] / "zero3_pretrained.json").read_text())
+    assert report["compared"] >= 10
+    assert report["mismatched"] == []
+    assert report["partitioned"], "ZeRO-3 parameters were not partitioned"
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_is_skipped_then_stops_the_run(runs):
+    root = runs["root"]
+    zero3 = _scalars(root / "zero3")
+    # forward call 3 was NaN on rank 1 only: both ranks skipped it, step 3 used the next batch
+    assert zero3["train/nonfinite_skipped"][2] == 0 and zero3["train/nonfinite_skipped"][3] == 1
+    assert max(zero3["loss/total"]) == 6  # calls 8 and 9 were NaN: max_nonfinite=2 stopped at step 7
+    error = (root / "zero3_error.txt").read_text()
+    assert "2 non-finite losses in a row at step 7" in error and "step_00000006" in error
+    ckpt = root / "zero3" / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step_00000006"
+    assert (ckpt / "step_00000006" / "complete.json").exists()
+
+
+@pytest.mark.slow
+def test_kill_and_resume_continues_the_same_trajectory(runs):
+    k, resumed = runs["killed_at"], runs["resumed"]
+    assert 4 <= k < STEPS
+    assert f"resumed from {resumed / 'checkpoints' / f'step_{k:08d}'} at step {k}" in runs["c_log"]
+    after = _scalars(resumed, sorted((resumed / "tensorboard").glob("events*"))[-1:])
+    reference = _scalars(runs["root"] / "zero2")
+    assert min(after["loss/total"]) == k + 1 and max(after["loss/total"]) == STEPS
+    for step in range(k + 1, STEPS + 1):
+        assert after["loss/total"][step] == pytest.approx(reference["loss/total"][step], rel=1e-3), step
+        for tag in (t for t in reference if t.startswith("lr/")):
+            assert after[tag][step] == pytest.approx(reference[tag][step], rel=1e-6), (tag, step)
+    # keep_last=1: only the final checkpoint is left, and `latest` names it
+    ckpts = resumed / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == [f"step_{STEPS:08d}"]
+    assert (ckpts / "latest").read_text() == f"step_{STEPS:08d}"
+
+
+@pytest.mark.slow
+def test_tensorboard_holds_the_tags(runs):
+    tags = set(_scalars(runs["resumed"]))
+    expected = {"loss/total", "loss/itc", "loss/itm", "loss/mlm", "loss/scl_vision", "loss/scl_text",
+                "lr/backbone_decay", "lr/backbone_no_decay", "lr/head_decay", "lr/head_no_decay",
+                "train/grad_norm", "train/nonfinite_skipped", "temperature/itc", "temperature/scl",
+                "throughput/samples_per_s", "throughput/tokens_per_s", "time/data_wait_s", "time/compute_s",
+                "data/skipped/corrupt_image"}
+    assert expected <= tags, expected - tags
+
+
+@pytest.mark.slow
+def test_zero_to_fp32_output_loads_into_the_model(runs, tmp_path):
+    import torch
+
+    from pipeline import checkpoint
+    from pipeline.config import load_config
+    from pipeline.data import build_train_loader
+    from pipeline.model import build_model
+
+    out = checkpoint.consolidate(runs["resumed"], tmp_path / "model_fp32.pt")
+    cfg = load_config(runs["config"])
+    model = checkpoint.load_fp32(build_model(cfg), out)
+    # the fp32 master weights round to the bf16 weights DeepSpeed saved with the module
+    module = torch.load(runs["resumed"] / "checkpoints" / f"step_{STEPS:08d}" / "mp_rank_00_model_states.pt",
+                        map_location="cpu", weights_only=False)["module"]
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach().bfloat16(), module[name].reshape(p.shape)), name
+    assert model.itc_temp.item() != pytest.approx(cfg.model.itc_temp_init, abs=1e-6)  # it trained
+    batch = next(iter(build_train_loader(cfg, rank=0, world_size=1)))
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(batch)["loss"])
+
+
+# ---------------------------------------------------------------- launch A (run under torchrun)
+def _driver(config: str, out: Path) -> None:
+    """ZeRO-1, ZeRO-2, then ZeRO-3 with a pretrained-weights check and injected NaN losses."""
+    sys.path.insert(0, str(REPO))
+    import deepspeed
+    import torch
+
+    import pipeline.pretrain as pretrain
+    from pipeline import engine as engine_lib
+    from pipeline.config import load_config
+
+    def cfg(stage, **train):
+        return load_config(config, [f"train.zero_stage={stage}", f"train.output_dir={out}/zero{stage}"]
+                           + [f"train.{k}={v}" for k, v in train.items()])
+
+    rank = int(os.environ["RANK"])
+    # ZeRO-1 also runs the evaluation hook once, at the last step, on the first shard.
+    pretrain.train(load_config(config, ["train.zero_stage=1", f"train.output_dir={out}/zero1", f"train.eval_every={STEPS}",
+                                        f"eval.data={Path(config).parent}/00000.tar", "eval.num_samples=12",
+                                        "eval.itm_rerank_k=2"]))
+    pretrain.train(cfg(2))
+
+    # A preemption signal on one rank only: every rank saves at the next step boundary and returns.
+    signal.signal(signal.SIGUSR1, lambda *_: pretrain.request_checkpoint())
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    summary = pretrain.train(load_config(config, ["train.zero_stage=2", f"train.output_dir={out}/requeue"]))
+    if rank == 0:
+        (out / "requeue.json").write_text(json.dumps(summary))
+    real_build, real_init = pretrain.build_model, engine_lib.initialize
+
+    def nan_model(c):
+        model, calls = real_build(c), [0]
+        forward = model.forward
+
+        def patched(batch, generator=None):
+            out_ = forward(batch, generator)
+            calls[0] += 1
+            if rank == 1 and (calls[0] == NAN_CALLS_ONCE or calls[0] >= NAN_FROM_CALL):
+                out_["loss"] = out_["loss"] * float("nan")
+            return out_
+
+        model.forward = patched
+        return model
+
+    def checked_init(model, c, ds_config=None):
+        engine = real_init(model, c, ds_config)
+        saved = torch.load(c.model.vision.pretrained, map_location="cpu")
+        params = dict(engine.module.vision.named_parameters())
+        names = [n for n in saved if n in params and n != "pos_embed"]  # pos_embed is resampled to 16px
+        report = {"compared": len(names), "mismatched": [],
+                  "partitioned": all(params[n].numel() == 0 and params[n].ds_numel > params[n].ds_tensor.numel()
+                                     for n in names if saved[n].numel() > 1000)}
+        with deepspeed.zero.GatheredParameters([params[n] for n in names]):
+            for n in names:
+                if not torch.equal(params[n].detach().float(), saved[n].bfloat16().float()):
+                    report["mismatched"].append(n)
+        if rank == 0:
+            (out / "zero3_pretrained.json").write_text(json.dumps(report))
+        return engine
+
+    pretrain.build_model, engine_lib.initialize = nan_model, checked_init
+    try:
+        pretrain.train(cfg(3, save_every=2, max_nonfinite=2))
+        raise AssertionError("the ZeRO-3 run should have stopped on non-finite losses")
+    except engine_lib.NonFiniteLoss as err:
+        if rank == 0:
+            (out / "zero3_error.txt").write_text(str(err))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    _driver(args.config, args.out)
