@@ -23,7 +23,8 @@ def _http_get(url: str, timeout: float, max_bytes: int) -> bytes:
         return data
 
 
-def fetch(row: dict, timeout: float = 10, retries: int = 2, max_bytes: int = 512 << 20) -> tuple[bytes | None, str | None]:
+def fetch(row: dict, timeout: float = 10, retries: int = 2,
+          max_bytes: int = 512 << 20) -> tuple[bytes | None, str | None]:
     """Return (data, None) or (None, error message); never raises."""
     url = row.get("url")
     if not url:

@@ -20,15 +20,16 @@ from .synthetic import vocabulary
 
 def build_demo_corpus(out_dir: str | Path, n_images: int = 2000, n_videos: int = 200, seed: int = 0,
                       n_eval_images: int = 200, n_eval_videos: int = 40, image_size: int = 64,
-                      video_size: int = 64, num_frames: int = 16, fps: int = 8, processes: int = 1,
+                      video_size: int = 64, num_frames: int = 16, fps: int = 8, processes: int = 2,
                       threads: int = 16, train_shards: int = 8) -> dict:
     """Build train and eval shards of synthetic images and videos under `out_dir`.
 
     Returns {"synthetic", "images_train", "images_eval", "videos_train", "videos_eval": folders,
     "reports": {name: validation report}, "vocabulary": [words]}. Raises DataprepError if any
     shard folder fails validation. The train splits are cut into `train_shards` shards, enough for
-    every rank and loader worker of a small run to read its own. Calling it again reuses finished work; with other sizes or seed
-    it rebuilds the shards.
+    every rank and loader worker of a small run to read its own. Calling it again reuses finished
+    work; with other sizes or seed it rebuilds the shards. Two processes by default: img2dataset
+    replaces each worker process after 5 shards, and a new one costs a fresh interpreter start.
     """
     out_dir = Path(out_dir)
     synthetic = {"root": str(out_dir / "synthetic"), "n_images": n_images, "n_videos": n_videos,

@@ -126,7 +126,8 @@ class ShardJob:
     oom_shard_count: int = 5
 
 
-def run_shard(job: ShardJob, process: Callable[[dict], SampleResult], progress: Callable[[int], None] | None = None) -> dict:
+def run_shard(job: ShardJob, process: Callable[[dict], SampleResult],
+              progress: Callable[[int], None] | None = None) -> dict:
     """Process one shard's rows with `threads` threads and write it; returns its stats."""
     start = time.time()
     writer = ShardWriter(job.output_dir, job.shard_id, job.oom_shard_count)

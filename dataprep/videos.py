@@ -101,8 +101,9 @@ def transcode(data: bytes, opts: VideoOptions) -> tuple[bytes, dict]:
                         break
                     if rel + tolerance < n_out / out_fps:
                         continue  # dropped to lower the frame rate
-                    out_frame = frame.reformat(width=sw, height=sh, format="rgb24" if (sw, sh) != (ow, oh) else "yuv420p")
-                    if (sw, sh) != (ow, oh):
+                    crop = (sw, sh) != (ow, oh)
+                    out_frame = frame.reformat(width=sw, height=sh, format="rgb24" if crop else "yuv420p")
+                    if crop:
                         x, y = (sw - ow) // 2, (sh - oh) // 2
                         arr = out_frame.to_ndarray()[y:y + oh, x:x + ow]
                         out_frame = av.VideoFrame.from_ndarray(arr, format="rgb24")

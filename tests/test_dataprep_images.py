@@ -40,7 +40,8 @@ def source(tmp_path_factory):
 
 # What the server gets wrong, and the reason each must be counted under.
 FAULTS = Faults(status={"/flaky.jpg": 500},
-                payload={"/page.jpg": b"<!doctype html><title>404</title>", "/corrupt.jpg": b"\xff\xd8\xff\xe0" + bytes(300),
+                payload={"/page.jpg": b"<!doctype html><title>404</title>",
+                         "/corrupt.jpg": b"\xff\xd8\xff\xe0" + bytes(300),
                          "/tiny.jpg": _jpeg((8, 8))})
 BAD_URLS = ["missing_1.jpg", "page.jpg", "missing_2.jpg", "corrupt.jpg", "tiny.jpg", "flaky.jpg", "missing_3.jpg"]
 EXPECTED_REASONS = {"http_404": 3, "http_500": 1, "not_an_image": 2, "image_too_small": 1}
@@ -118,7 +119,8 @@ def test_interrupted_shard_is_caught_then_redone_alone(prepared):
     report = stages.validate_stage(cfg)
     assert not report["ok"]
     assert "00001.tar" not in json.loads((out / "sizes.json").read_text())
-    assert any("truncated" in e for e in report["errors"]) and any("of 31 annotation rows" in e for e in report["errors"])
+    assert any("truncated" in e for e in report["errors"])
+    assert any("of 31 annotation rows" in e for e in report["errors"])
 
     others = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar") if p.name != "00001.tar"}
     # Resumed from another port: the same corpus, so the finished shards still count.
