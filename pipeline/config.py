@@ -88,6 +88,7 @@ class SourceConfig:
     modality: str = "image"  # "image" or "video"
     weight: float = 1.0
     num_samples: int = 0  # 0 = read from sizes.json / *_stats.json beside the shards
+    shuffle_buffer: int = 0  # 0 = data.shuffle_buffer; each worker holds this many encoded samples
 
 
 @dataclass
@@ -102,7 +103,7 @@ class DataConfig:
     mixing: str = "alternate"  # "alternate" (deterministic by weight) or "sample" (per-step sampling)
     sharding: str = "resample"  # "resample" (with replacement) or "split" (each sample once per epoch)
     epoch_samples: int = 0  # 0 = total of the sources' counts
-    shuffle_buffer: int = 1000  # samples shuffled together (a block of consecutive samples)
+    shuffle_buffer: int = 1000  # samples shuffled together (a block of consecutive samples, per worker)
     seed: int = 0
     crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop area range for training
     prefetch: int = 2  # batches each DataLoader worker prepares ahead
@@ -269,8 +270,8 @@ def _validate_data(d: DataConfig) -> None:
         _choice(s.modality, ("image", "video"), f"{where}.modality")
         if not s.shards:
             raise ConfigError(f"{where}.shards is empty")
-        if s.weight <= 0 or s.num_samples < 0:
-            raise ConfigError(f"{where}: weight must be > 0 and num_samples >= 0")
+        if s.weight <= 0 or s.num_samples < 0 or s.shuffle_buffer < 0:
+            raise ConfigError(f"{where}: weight must be > 0, num_samples and shuffle_buffer >= 0")
     if d.sharding == "split":
         # One pass over every source per epoch: the epoch length and the mix follow the counts.
         if len({s.weight for s in d.sources}) > 1:

@@ -39,7 +39,7 @@ class _EpochBatches(IterableDataset):
 
     def __init__(self, loader: "TrainLoader", epoch: int, start: int, cursors: dict):
         self.cfg, self.rank, self.tokenizer = loader.cfg, loader.rank, loader.tokenizer
-        self.sources, self.slots = loader.sources, loader.slots
+        self.sources, self.slots, self.blocks = loader.sources, loader.slots, loader.blocks
         self.steps, self.source_steps = loader.steps_per_epoch, loader.source_steps
         self.epoch, self.start, self.cursors = epoch, start, cursors
         self.schedule = loader.schedule(epoch)
@@ -89,8 +89,8 @@ class _EpochBatches(IterableDataset):
         cursor = self.cursors.get(slot, {}).get(src)
         if cursor is None:  # no saved position: assume every sample so far was good
             used = d.batch_size * self.slot_steps_done[src, slot]
-            cursor = (0, used // d.shuffle_buffer, used % d.shuffle_buffer)
-        return SampleStream(source, passes, d.shuffle_buffer, seed_parts, skips, cursor)
+            cursor = (0, used // self.blocks[src], used % self.blocks[src])
+        return SampleStream(source, passes, self.blocks[src], seed_parts, skips, cursor)
 
     # ---- one batch ----
     def _batch(self, step: int, src: int, slot: int, stream: SampleStream, samples, skips: Skips) -> dict:
@@ -148,6 +148,7 @@ class TrainLoader:
         self.sources = sources
         d = cfg.data
         self.slots = max(1, d.workers)
+        self.blocks = [s.shuffle_buffer or d.shuffle_buffer for s in d.sources]  # shuffle block per source
         per_step = d.batch_size * world_size
         if d.sharding == "split":
             self.source_steps = [s.total // per_step for s in sources]
@@ -181,8 +182,9 @@ class TrainLoader:
     def _layout(self) -> dict:
         d = self.cfg.data
         return {"world_size": self.world_size, "slots": self.slots, "batch_size": d.batch_size,
-                "shuffle_buffer": d.shuffle_buffer, "sharding": d.sharding, "seed": d.seed,
-                "sources": [s.name for s in self.sources], "steps_per_epoch": self.steps_per_epoch}
+                "blocks": self.blocks, "sharding": d.sharding, "mixing": d.mixing, "seed": d.seed,
+                "sources": [[s.name, s.weight, s.total] for s in self.sources],
+                "steps_per_epoch": self.steps_per_epoch}
 
     def state_dict(self) -> dict:
         names = [s.name for s in self.sources]
