@@ -31,55 +31,52 @@ def frame_indices(num_frames: int, frames: int, rng: random.Random | None = None
     return [min(num_frames - 1, int((i + u) * seg)) for i, u in enumerate(offsets)]
 
 
-def _timestamps(data: bytes):
+def _timestamps(container, stream):
     """Presentation timestamps of all frames (sorted) and of the keyframes, from packets only."""
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.video[0]
-        pts, keys = [], []
-        for packet in container.demux(stream):
-            if packet.pts is None or packet.size == 0:
-                continue
-            pts.append(packet.pts)
-            if packet.is_keyframe:
-                keys.append(packet.pts)
+    pts, keys = [], []
+    for packet in container.demux(stream):
+        if packet.pts is None or packet.size == 0:
+            continue
+        pts.append(packet.pts)
+        if packet.is_keyframe:
+            keys.append(packet.pts)
     return sorted(pts), sorted(keys)
 
 
-def _decode_at(data: bytes, targets: list[int], keys: list[int]) -> dict:
+def _decode_at(container, stream, targets: list[int], keys: list[int]) -> dict:
     """PIL frames at the given presentation timestamps (ascending), seeking to keyframes when it helps."""
     out = {}
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.video[0]
-        frames, pos, last = None, None, None
-        for target in targets:
-            if last is not None and last.pts is not None and last.pts >= target:
-                out[target] = last.to_image()
-                continue
-            k = bisect.bisect_right(keys, target) - 1
-            key = keys[k] if k >= 0 else None
-            if frames is None or (key is not None and pos is not None and key > pos):
-                if key is not None:
-                    container.seek(key, stream=stream, backward=True)
-                frames = container.decode(stream)
-            for frame in frames:
-                pos, last = frame.pts, frame
-                if frame.pts is not None and frame.pts >= target:
-                    break
-            if last is None:
-                raise ValueError("no decodable frame")
-            # Past the end (a packet that decodes to nothing): the nearest earlier frame stands in.
+    frames, pos, last = None, None, None
+    for target in targets:
+        if last is not None and last.pts is not None and last.pts >= target:
             out[target] = last.to_image()
+            continue
+        k = bisect.bisect_right(keys, target) - 1
+        key = keys[k] if k >= 0 else None
+        if frames is None or (key is not None and pos is not None and key > pos):
+            container.seek(key if key is not None else target, stream=stream, backward=True)
+            frames = container.decode(stream)
+        for frame in frames:
+            pos, last = frame.pts, frame
+            if frame.pts is not None and frame.pts >= target:
+                break
+        if last is None:
+            raise ValueError("no decodable frame")
+        # Past the end (a packet that decodes to nothing): the nearest earlier frame stands in.
+        out[target] = last.to_image()
     return out
 
 
 def decode_video(data: bytes, frames: int, size: int, rng: random.Random | None = None,
                  scale: tuple[float, float] = (0.5, 1.0)) -> torch.Tensor:
     """Encoded video -> [frames, 3, size, size], random crop + random frames when `rng` is given."""
-    pts, keys = _timestamps(data)
-    if not pts:
-        raise ValueError("no video frames")
-    targets = [pts[i] for i in frame_indices(len(pts), frames, rng)]
-    images = _decode_at(data, sorted(set(targets)), keys)
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        pts, keys = _timestamps(container, stream)
+        if not pts:
+            raise ValueError("no video frames")
+        targets = [pts[i] for i in frame_indices(len(pts), frames, rng)]
+        images = _decode_at(container, stream, sorted(set(targets)), keys)
     first = images[targets[0]]
     box = random_crop_box(*first.size, scale, rng) if rng is not None else center_crop_box(*first.size)
     return torch.from_numpy(np.stack([crop_resize(images[t], box, size) for t in targets]))
