@@ -1,8 +1,12 @@
 """Helpers for the data tests: real shards written with webdataset's TarWriter, a tiny tokenizer."""
 from __future__ import annotations
 
+import functools
+import http.server
 import io
 import json
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import av
@@ -81,3 +85,22 @@ def tiny_config(sources, **data):
     from pipeline.config import SourceConfig
     cfg.data.sources = [SourceConfig(**s) for s in sources]
     return cfg
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def serve(folder: Path):
+    """Serve `folder` on 127.0.0.1 (a free port) while the block runs; yields the base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -94,6 +94,7 @@ def test_source_with_nothing_usable_is_an_error(tmp_path, tok, workers, sharding
         (tmp_path / "junk" / name).write_bytes(b"\x00" * 700)
     (tmp_path / "junk" / "sizes.json").write_text(json.dumps({"00000.tar": 3, "00001.tar": 3, "00002.tar": 3}))
     cfg.data.sources[0].shards = str(tmp_path / "junk" / "{00000..00002}.tar")
+    cfg.data.workers = 0  # (a DataLoader that raised takes torch ~5 s to shut its workers down)
     loader = build_train_loader(cfg, 0, 1, tok)
     with pytest.raises(DataError, match="no usable sample"):
         list(loader)

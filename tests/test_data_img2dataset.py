@@ -1,37 +1,24 @@
 """Shards written by img2dataset itself, downloading from a loopback HTTP server, read by the loader."""
-import functools
-import http.server
 import os
-import threading
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from data_fixtures import caption, tiny_config
+from data_fixtures import caption, serve, tiny_config
 from pipeline.data import build_eval_samples, build_train_loader, train_tokenizer
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def http_root(tmp_path):
-    """A folder served on 127.0.0.1 (a free port) for the test's duration; yields (folder, base url)."""
+    """A folder served on 127.0.0.1 for the test's duration; yields (folder, base url)."""
     root = tmp_path / "www"
     root.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with serve(root) as base:
+        yield root, base
 
 
 @pytest.mark.slow
