@@ -1,13 +1,13 @@
 """Training-loader throughput against a minimal webdataset pipeline on the same shards, in one run.
 
-The benchmark writes its own shards: photo-sized JPEGs (640x480) and h264 clips (596x336, 25 fps,
-a keyframe every second, as WebVid's). Both pipelines run in one DataLoader worker, so the figures
+The benchmark writes its own shards: photo-sized JPEGs (640x480) and 10 s h264 clips (596x336,
+25 fps, B-frames, a keyframe every second; WebVid's clips are 5-35 s). Both pipelines run in one DataLoader worker, so the figures
 are samples/s per worker:
 - loader: pipeline.data.build_train_loader (random crop, caption choice, tokenising, MLM/SCL/patch masks);
 - plain: wds.WebDataset -> decode -> resize -> to-tensor, batched (videos: PyAV decoding frames in
   order up to the last of T uniformly spaced frames), nothing else.
 
-    python bench/bench_loader.py [--images 256] [--videos 40] [--sizes 224 288] [--repeats 2] [--out DIR]
+    python bench/bench_loader.py [--images 256] [--videos 32] [--sizes 224 288] [--repeats 2] [--out DIR]
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def photo(rng) -> bytes:
     return buf.getvalue()
 
 
-def clip(rng, seconds=4, fps=25) -> bytes:
+def clip(rng, seconds=10, fps=25) -> bytes:
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as out:
         s = out.add_stream("libx264", rate=fps, options={"preset": "veryfast", "g": str(fps)})
@@ -116,7 +116,7 @@ def timed(batches, n_batches: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=256)
-    ap.add_argument("--videos", type=int, default=40)
+    ap.add_argument("--videos", type=int, default=32)
     ap.add_argument("--sizes", type=int, nargs="+", default=[224, 288])
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs per pipeline; the best is kept")
     ap.add_argument("--out", default="")
