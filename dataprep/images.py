@@ -122,6 +122,9 @@ def img2dataset_download(input_parquet: str, output_dir: str, opts: ImageOptions
             compute_hash=None,
             enable_wandb=False,
         )
+    except SystemExit as stop:
+        # Its Ctrl-C handler ends the process with status 0; an interrupted download is no success.
+        raise KeyboardInterrupt from stop
     finally:
         # img2dataset installs a Ctrl-C handler that exits with status 0; a later stage must not
         # inherit it and report an interrupted run as a success.

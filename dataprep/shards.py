@@ -11,16 +11,17 @@ interrupted run leaves no truncated tar and a re-run redoes exactly the unfinish
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import re
 import tarfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,7 +38,7 @@ def shard_name(shard_id: int, oom_shard_count: int = 5) -> str:
 
 def sample_key(index: int, shard_id: int, shard_size: int, oom_shard_count: int = 5) -> str:
     """img2dataset's key: shard id then the index in the shard, zero-padded."""
-    oom_sample = math.ceil(math.log10(shard_size)) if shard_size > 1 else 1
+    oom_sample = math.ceil(math.log10(shard_size))
     return f"{shard_id * 10 ** oom_sample + index:0{oom_sample + oom_shard_count}d}"
 
 
@@ -111,6 +112,8 @@ class ShardWriter:
         self.fs.mv(join(self.dir, f"{self.name}_stats.json.tmp"), join(self.dir, f"{self.name}_stats.json"))
 
     def abort(self) -> None:
+        with contextlib.suppress(Exception):  # only to release the stream: the file is deleted
+            self._tar.close()
         self._tar_fd.close()
         if self.fs.exists(self.tar_path + ".tmp"):
             self.fs.rm(self.tar_path + ".tmp")
@@ -134,23 +137,26 @@ def run_shard(job: ShardJob, process: Callable[[dict], SampleResult],
     status_dict: Counter = Counter()
     counts = Counter()
     bytes_downloaded = 0
+    pool = ThreadPoolExecutor(max(1, job.threads))
     try:
-        with ThreadPoolExecutor(max(1, job.threads)) as pool:
-            # map keeps the input order, so a re-run writes the same tar.
-            for index, (row, result) in enumerate(zip(job.rows, pool.map(_safe(process), job.rows))):
-                key = sample_key(index, job.shard_id, job.shard_size, job.oom_shard_count)
-                meta = {**{k: v for k, v in row.items() if k != "key"}, "source_key": row["key"],
-                        "key": key, "status": result.status, "error_message": result.error_message,
-                        **result.meta}
-                counts[result.status] += 1
-                status_dict[result.status if result.status == "success" else result.error_message] += 1
-                bytes_downloaded += result.bytes_downloaded
-                writer.write(key, row["caption"], meta, result.streams if result.status == "success" else {})
-                if progress:
-                    progress(1)
+        results = _ordered_map(pool, _safe(process), job.rows, window=4 * max(1, job.threads))
+        for index, (row, result) in enumerate(zip(job.rows, results)):
+            key = sample_key(index, job.shard_id, job.shard_size, job.oom_shard_count)
+            meta = {**{k: v for k, v in row.items() if k != "key"}, "source_key": row["key"],
+                    "key": key, "status": result.status, "error_message": result.error_message,
+                    **result.meta}
+            counts[result.status] += 1
+            status_dict[result.status if result.status == "success" else result.error_message] += 1
+            bytes_downloaded += result.bytes_downloaded
+            writer.write(key, row["caption"], meta, result.streams if result.status == "success" else {})
+            if progress:
+                progress(1)
     except BaseException:
         writer.abort()
         raise
+    finally:
+        # On Ctrl-C, drop the queued samples instead of waiting for them.
+        pool.shutdown(wait=False, cancel_futures=True)
     end = time.time()
     stats = {
         "count": len(job.rows),
@@ -167,6 +173,18 @@ def run_shard(job: ShardJob, process: Callable[[dict], SampleResult],
     return stats
 
 
+def _ordered_map(pool: ThreadPoolExecutor, fn: Callable, items: list, window: int) -> Iterator:
+    """pool.map in input order (so a re-run writes the same tar), with at most `window` samples in
+    flight: finished clips wait for a slow one in memory, and that memory stays bounded."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def _safe(process: Callable[[dict], SampleResult]) -> Callable[[dict], SampleResult]:
     """A bug or an unexpected library error on one sample is that sample's failure, not the run's."""
 
@@ -179,19 +197,16 @@ def _safe(process: Callable[[dict], SampleResult]) -> Callable[[dict], SampleRes
     return wrapped
 
 
-def _run_shard_in_process(args) -> tuple[int, dict]:
+def _run_shard_in_process(args) -> dict:
     job, process = args
-    return job.shard_id, run_shard(job, process)
+    return run_shard(job, process)
 
 
-def plan_jobs(rows: list[dict], output_dir: str, shard_size: int, threads: int,
-              incremental: bool = True) -> tuple[list[ShardJob], int]:
-    """Split rows into shards; drop the finished ones. Returns (jobs to run, number of shards)."""
-    n_shards = math.ceil(len(rows) / shard_size)
-    done = finished_shards(output_dir) if incremental else set()
-    jobs = [ShardJob(i, rows[i * shard_size:(i + 1) * shard_size], output_dir, shard_size, threads)
-            for i in range(n_shards) if i not in done]
-    return jobs, n_shards
+def plan_jobs(rows: list[dict], output_dir: str, shard_size: int, threads: int) -> list[ShardJob]:
+    """Split rows into shards of `shard_size`, leaving out the finished ones."""
+    done = finished_shards(output_dir)
+    return [ShardJob(i, rows[i * shard_size:(i + 1) * shard_size], output_dir, shard_size, threads)
+            for i in range(math.ceil(len(rows) / shard_size)) if i not in done]
 
 
 def run_jobs(jobs: Iterable[ShardJob], process: Callable[[dict], SampleResult], processes: int = 1,
@@ -206,7 +221,7 @@ def run_jobs(jobs: Iterable[ShardJob], process: Callable[[dict], SampleResult], 
                 results.append(run_shard(job, process, bar.update))
         else:
             with ProcessPoolExecutor(processes) as pool:
-                for job, (_, stats) in zip(jobs, pool.map(_run_shard_in_process, [(j, process) for j in jobs])):
+                for job, stats in zip(jobs, pool.map(_run_shard_in_process, [(j, process) for j in jobs])):
                     results.append(stats)
                     bar.update(len(job.rows))
     return results

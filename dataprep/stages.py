@@ -84,7 +84,7 @@ def download(cfg: CorpusConfig) -> dict:
         else:
             processor = (VideoProcessor(_video_options(cfg)) if cfg.modality == "video"
                          else LocalImageProcessor(_image_options(cfg)))
-            jobs, _ = plan_jobs(records(df), cfg.output_dir, cfg.shard_size, cfg.threads)
+            jobs = plan_jobs(records(df), cfg.output_dir, cfg.shard_size, cfg.threads)
             run_jobs(jobs, processor, cfg.processes, desc=f"{cfg.name} {cfg.modality}s")
     summary = summarise(cfg.output_dir)
     reasons = ", ".join(f"{k}: {v}" for k, v in summary["failed_by_reason"].items()) or "none"
