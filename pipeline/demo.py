@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--nproc", type=int, default=2)
     args = ap.parse_args(argv)
-    args.steps = args.steps or (40 if args.quick else 600)
+    args.steps = args.steps or (30 if args.quick else 300)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from dataprep.pipeline_demo import build_demo_corpus
     from pipeline.config import load_config
@@ -80,10 +80,10 @@ def main(argv=None) -> dict:
     t0 = time.time()
     print("== 1/4 dataprep: synthetic corpus -> loopback HTTP -> img2dataset / video stage -> shards", flush=True)
     sizes = dict(n_images=600, n_videos=120, n_eval_images=100, n_eval_videos=40) if args.quick else \
-        dict(n_images=3000, n_videos=600, n_eval_images=200, n_eval_videos=60)
+        dict(n_images=4000, n_videos=800, n_eval_images=100, n_eval_videos=60)
     corpus = build_demo_corpus(out / "data", seed=0, **sizes)
     for name, rep in corpus["reports"].items():
-        print(f"   {name}: {rep.get('succeeded', rep.get('samples'))} samples", flush=True)
+        print(f"   {name}: {rep['samples']['valid']} valid samples in {rep['shards']['indexed']} shards", flush=True)
 
     print("== 2/4 tokenizer", flush=True)
     tok_dir = out / "tokenizer"
