@@ -27,9 +27,11 @@ def test_every_ds_config_is_filled_from_the_training_config(path, cfg):
     c = load_config("tiny", ["train.grad_accum=3", "train.grad_clip=0.5", "data.batch_size=6", *overrides])
     ds = engine.ds_config_for(c, world_size=4)
     assert "auto" not in json.dumps(ds)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (6, 3, 72)
+    batch = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
+    assert batch == (6, 3, 72)
     assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == int(stage[4:])
-    assert ds["bf16"]["enabled"] == (rest[-1] == "bf16") and ds.get("fp16", {}).get("enabled", False) == (rest[-1] == "fp16")
+    assert ds["bf16"]["enabled"] == (rest[-1] == "bf16")
+    assert ds.get("fp16", {}).get("enabled", False) == (rest[-1] == "fp16")
     assert ds["optimizer"]["params"]["lr"] == c.train.lr and ds["optimizer"]["params"]["betas"] == list(c.train.betas)
 
 

@@ -1,10 +1,13 @@
 """End-to-end DeepSpeed training on CPU: 2 processes (gloo), real shards, the real loader.
 
 Three launches (process start-up dominates on CPU, so each launch does several things):
-  A  torchrun this file as a driver: `train(cfg)` in-process for ZeRO-1 (with the evaluation
-     hook), ZeRO-2, a ZeRO-2 run stopped by `request_checkpoint()` on one rank, and ZeRO-3; the
-     ZeRO-3 run checks that pretrained ViT weights reach the partitioned parameters, gets a NaN
-     loss once (skipped) and then repeatedly (the run stops, keeping the last good checkpoint).
+  A  torchrun this file as a driver, calling `train(cfg)` in-process for
+       ZeRO-1, with the evaluation hook at the last step;
+       ZeRO-2, the uninterrupted reference of the kill-and-resume run;
+       ZeRO-2 with gradient accumulation, stopped by `request_checkpoint()` from a signal on one rank;
+       ZeRO-3 with activation checkpointing: pretrained ViT weights must reach the partitioned
+       parameters; a NaN loss once (skipped), then twice in a row (the run stops, keeping the
+       last good checkpoint).
   B  torchrun pipeline/pretrain.py (ZeRO-2), SIGKILLed once its step-4 checkpoint is complete.
   C  deepspeed pipeline/pretrain.py --resume auto: continues B to the end.
 """
@@ -187,11 +190,16 @@ def test_evaluation_hook_metrics_reach_tensorboard(runs):
 
 @pytest.mark.slow
 def test_checkpoint_request_saves_and_returns(runs):
+    import torch
+
     root = runs["root"]
     summary = json.loads((root / "requeue.json").read_text())
     assert summary["stopped_early"] and summary["step"] == 1
     assert summary["checkpoint"] == str(root / "requeue" / "checkpoints" / "step_00000001")
     assert (root / "requeue" / "checkpoints" / "latest").read_text() == "step_00000001"
+    # grad_accum=2: the one optimizer step consumed two loader batches on each rank
+    rank_state = torch.load(Path(summary["checkpoint"]) / "rank_00001.pt", weights_only=False)
+    assert rank_state["loader"]["step_in_epoch"] == 2
 
 
 @pytest.mark.slow
@@ -200,6 +208,7 @@ def test_zero3_holds_the_pretrained_vision_weights(runs):
     assert report["compared"] >= 10
     assert report["mismatched"] == []
     assert report["partitioned"], "ZeRO-3 parameters were not partitioned"
+    assert report["checkpointing"]  # this run also recomputes activations in backward
 
 
 @pytest.mark.slow
@@ -243,6 +252,8 @@ def test_tensorboard_holds_the_tags(runs):
                 "throughput/samples_per_s", "throughput/tokens_per_s", "time/data_wait_s", "time/compute_s",
                 "data/skipped/corrupt_image"}
     assert expected <= tags, expected - tags
+    zero3 = set(_scalars(runs["root"] / "zero3"))  # ZeRO-3 wraps the optimizer differently
+    assert {t for t in expected if t.startswith("lr/")} <= zero3 and "train/grad_norm" in zero3
 
 
 @pytest.mark.slow
@@ -285,16 +296,17 @@ def _driver(config: str, out: Path) -> None:
 
     rank = int(os.environ["RANK"])
     # ZeRO-1 also runs the evaluation hook once, at the last step, on the first shard.
-    pretrain.train(load_config(config, ["train.zero_stage=1", f"train.output_dir={out}/zero1", f"train.eval_every={STEPS}",
-                                        f"eval.data={Path(config).parent}/00000.tar", "eval.num_samples=12",
-                                        "eval.itm_rerank_k=2"]))
+    pretrain.train(load_config(config, ["train.zero_stage=1", f"train.output_dir={out}/zero1",
+                                        f"train.eval_every={STEPS}", f"eval.data={Path(config).parent}/00000.tar",
+                                        "eval.num_samples=12", "eval.itm_rerank_k=2"]))
     pretrain.train(cfg(2))
 
     # A preemption signal on one rank only: every rank saves at the next step boundary and returns.
     signal.signal(signal.SIGUSR1, lambda *_: pretrain.request_checkpoint())
     if rank == 1:
         os.kill(os.getpid(), signal.SIGUSR1)
-    summary = pretrain.train(load_config(config, ["train.zero_stage=2", f"train.output_dir={out}/requeue"]))
+    summary = pretrain.train(load_config(config, ["train.zero_stage=2", "train.grad_accum=2",
+                                                  f"train.output_dir={out}/requeue"]))
     if rank == 0:
         (out / "requeue.json").write_text(json.dumps(summary))
     real_build, real_init = pretrain.build_model, engine_lib.initialize
@@ -318,7 +330,7 @@ def _driver(config: str, out: Path) -> None:
         saved = torch.load(c.model.vision.pretrained, map_location="cpu")
         params = dict(engine.module.vision.named_parameters())
         names = [n for n in saved if n in params and n != "pos_embed"]  # pos_embed is resampled to 16px
-        report = {"compared": len(names), "mismatched": [],
+        report = {"compared": len(names), "mismatched": [], "checkpointing": engine.module.vision.grad_checkpointing,
                   "partitioned": all(params[n].numel() == 0 and params[n].ds_numel > params[n].ds_tensor.numel()
                                      for n in names if saved[n].numel() > 1000)}
         with deepspeed.zero.GatheredParameters([params[n] for n in names]):
@@ -331,7 +343,7 @@ def _driver(config: str, out: Path) -> None:
 
     pretrain.build_model, engine_lib.initialize = nan_model, checked_init
     try:
-        pretrain.train(cfg(3, save_every=2, max_nonfinite=2))
+        pretrain.train(cfg(3, save_every=2, max_nonfinite=2, activation_checkpointing="true"))
         raise AssertionError("the ZeRO-3 run should have stopped on non-finite losses")
     except engine_lib.NonFiniteLoss as err:
         if rank == 0:
