@@ -30,6 +30,7 @@ def write_config(out: Path, corpus: dict, tokenizer: Path, args) -> Path:
     run = out / ("run_noscl" if args.no_scl else "run")
     cfg = {
         "inherit": "tiny",
+        "model": {"text": {"max_len": 16}},  # the longest synthetic caption is 13 tokens
         "data": {"sources": [
                      {"name": "shapes", "shards": corpus["images_train"], "modality": "image", "weight": 3.0},
                      {"name": "moving_shapes", "shards": corpus["videos_train"], "modality": "video", "weight": 1.0}],
