@@ -229,6 +229,23 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class NonFiniteGuard:
+    """Counts dropped micro-batches. The ranks agree on every drop (see `train_micro_step`), so
+    their counts, and the decision to stop, are the same everywhere."""
+
+    def __init__(self, limit: int, total: int = 0):
+        self.limit, self.total, self.in_a_row = limit, total, 0
+
+    def passed(self) -> None:
+        self.in_a_row = 0
+
+    def dropped(self) -> bool:
+        """Count one; True once `limit` came in a row."""
+        self.in_a_row += 1
+        self.total += 1
+        return self.in_a_row >= self.limit
+
+
 @dataclass
 class StepResult:
     losses: dict  # name -> detached scalar tensor (this rank); empty when skipped

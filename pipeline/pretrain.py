@@ -117,8 +117,10 @@ def train(cfg: Config) -> dict:
         if main_rank:
             print(f"resumed from {tag_dir} at step {step}", flush=True)
 
+    guard = engine_lib.NonFiniteGuard(tc.max_nonfinite, total=skipped)
+
     def save():
-        checkpoint.save(engine, out, step, {"config": to_dict(cfg), "nonfinite_skipped": skipped},
+        checkpoint.save(engine, out, step, {"config": to_dict(cfg), "nonfinite_skipped": guard.total},
                         {"loader": loader.state_dict(), "rng": checkpoint.rng_state()}, tc.keep_last)
 
     monitor = Monitor(out, enabled=main_rank)
@@ -127,7 +129,7 @@ def train(cfg: Config) -> dict:
     dtype = engine_lib.compute_dtype(engine)
     patch = cfg.model.vision.patch_size
     batches = _batches(loader)
-    consecutive, saved_at, stopped_early = 0, step if tag_dir is not None else -1, False
+    saved_at, stopped_early = step if tag_dir is not None else -1, False
     try:
         while step < tc.steps:
             lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
@@ -139,22 +141,23 @@ def train(cfg: Config) -> dict:
                 window.add_batch(batch["pixels"].shape[0], batch_tokens(batch, patch))
                 result = engine_lib.train_micro_step(engine, engine_lib.to_device(batch, engine.device, dtype))
                 if result.applied:
-                    consecutive, applied = 0, applied + 1
+                    guard.passed()
+                    applied += 1
                     window.add_losses(result.losses)
                     continue
-                consecutive, skipped = consecutive + 1, skipped + 1
+                stop_run = guard.dropped()
                 monitor.print(f"step {step + 1}: non-finite loss, batch skipped "
-                              f"({consecutive} in a row, {skipped} in total)")
-                if consecutive >= tc.max_nonfinite:
+                              f"({guard.in_a_row} in a row, {guard.total} in total)")
+                if stop_run:
                     raise engine_lib.NonFiniteLoss(
-                        f"{consecutive} non-finite losses in a row at step {step + 1} (train.max_nonfinite="
+                        f"{guard.in_a_row} non-finite losses in a row at step {step + 1} (train.max_nonfinite="
                         f"{tc.max_nonfinite}); stopping. Last good checkpoint: {checkpoint.find_latest(out)}")
             step += 1
             window.add_step(data_s, time.perf_counter() - t_step - data_s)
 
             if step % tc.log_every == 0 or step == tc.steps:
                 metrics = window.reduce()
-                metrics.update(_engine_metrics(engine, cfg, lrs, skipped))
+                metrics.update(_engine_metrics(engine, cfg, lrs, guard.total))
                 metrics.update({f"data/skipped/{k}": v for k, v in gather_counters(loader.counters()).items()})
                 monitor.scalars(step, metrics)
                 monitor.print(console_line(step, tc.steps, metrics))
@@ -172,7 +175,7 @@ def train(cfg: Config) -> dict:
     finally:
         monitor.close()
     _checkpoint_requested.clear()
-    return {"step": step, "nonfinite_skipped": skipped, "stopped_early": stopped_early,
+    return {"step": step, "nonfinite_skipped": guard.total, "stopped_early": stopped_early,
             "checkpoint": str(checkpoint.checkpoint_root(out) / checkpoint.tag_for(saved_at)) if saved_at >= 0
             else None}
 

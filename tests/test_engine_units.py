@@ -125,6 +125,14 @@ def test_nonfinite_loss_skips_backward_and_step():
     assert result.applied and e.calls == ["backward", "step"] and float(result.losses["loss"]) == 2.0
 
 
+def test_nonfinite_guard_counts_drops_in_a_row():
+    guard = engine.NonFiniteGuard(limit=2, total=5)
+    assert not guard.dropped()
+    guard.passed()
+    assert not guard.dropped() and guard.dropped()
+    assert (guard.in_a_row, guard.total) == (2, 8)
+
+
 def test_to_device_casts_floats_only():
     batch = {"pixels": torch.zeros(2, 1, 3, 4, 4), "text_ids": torch.ones(2, 3, dtype=torch.long), "source": "x"}
     out = engine.to_device(batch, torch.device("cpu"), torch.bfloat16)
