@@ -4,8 +4,8 @@
 
 Part 1, step time on the same model and batch (tiny config): a plain PyTorch loop (DDP, torch AdamW
 with the same parameter groups and schedule, autocast in the same precision, gradient clipping)
-against the DeepSpeed engine at ZeRO 0..3. Forward, backward and optimizer step are timed apart;
-the first step is a warm-up.
+against the DeepSpeed engine at ZeRO 0..3. All five loops take their steps in turn; forward,
+backward and optimizer step are timed apart; the first round is a warm-up.
 
 Part 2, peak memory per rank while training a mid-size model at ZeRO 0..3 (and the plain loop),
 as ratios to ZeRO-0. CUDA: torch.cuda.max_memory_allocated above the level before the model was
@@ -146,34 +146,28 @@ class DeepSpeedLoop:
         self.engine.step()
 
 
-def run_variant(variant: str, overrides: list, steps: int, batch_size: int, device, zero_overrides=None) -> dict:
+def build(variant: str, overrides: list, batch_size: int, device, zero_overrides=None):
+    """(training loop, batch on device) for "torch" or "zero<stage>"; the same weights and batch."""
     stage = "0" if variant == "torch" else variant[4:]
     cfg = load_config("tiny", overrides + [f"train.zero_stage={stage}", f"data.batch_size={batch_size}"])
-    mem = PeakMemory()
     torch.manual_seed(0)
     model = build_model(cfg)
     loop = TorchLoop(model, cfg, device) if variant == "torch" else DeepSpeedLoop(model, cfg, zero_overrides or {})
     dtype = torch.float32 if variant == "torch" else loop.dtype
     batch = engine_lib.to_device(synthetic_batch(cfg, batch_size=batch_size, text_len=16,
                                                  seed=distributed.rank()), device, dtype)
-    mem.start()
-    times = {"forward": [], "backward": [], "step": []}
-    for i in range(steps + 1):  # step 0 warms up (and allocates torch AdamW's state)
-        t0 = _now()
-        loss = loop.forward(batch)
-        t1 = _now()
-        loop.backward(loss)
-        t2 = _now()
-        loop.step()
-        t3 = _now()
-        if i > 0:
-            for phase, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
-                times[phase].append(dt)
-    used = mem.stop()
-    del loop, model, batch, loss
-    gc.collect()
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    return {**med, "total": sum(med.values()), "memory": used}
+    return loop, batch
+
+
+def timed_step(loop, batch) -> tuple[float, float, float]:
+    """Seconds of forward, backward and optimizer step."""
+    t0 = _now()
+    loss = loop.forward(batch)
+    t1 = _now()
+    loop.backward(loss)
+    t2 = _now()
+    loop.step()
+    return t1 - t0, t2 - t1, _now() - t2
 
 
 def _max_over_ranks(values: list[float]) -> list[float]:
@@ -188,13 +182,21 @@ def _label(variant: str) -> str:
 
 
 def step_times(args, common, device, say) -> None:
-    say("\n## Step time, tiny config (ms per step, slowest rank)\n")
+    """All loops exist at once and take their steps in turn, so load on the machine hits them alike."""
+    loops = {v: build(v, common, args.batch_size, device) for v in VARIANTS}
+    times = {v: [] for v in VARIANTS}
+    for i in range(args.steps + 1):  # round 0 warms up (and allocates torch AdamW's state)
+        for v, (loop, batch) in loops.items():
+            t = timed_step(loop, batch)
+            if i > 0:
+                times[v].append(t)
+    say("\n## Step time, tiny config (ms per step, median, slowest rank)\n")
     say("| loop | forward | backward | optimizer step | total | step vs torch | total vs torch |")
     say("|---|---|---|---|---|---|---|")
     base = None
     for v in VARIANTS:
-        r = run_variant(v, common, args.steps, args.batch_size, device)
-        f, b, s, tot = _max_over_ranks([r["forward"], r["backward"], r["step"], r["total"]])
+        med = [statistics.median(phase) * 1e3 for phase in zip(*times[v])]
+        f, b, s, tot = _max_over_ranks(med + [sum(med)])
         base = base or (s, tot)
         say(f"| {_label(v)} | {f:.1f} | {b:.1f} | {s:.1f} | {tot:.1f} | {s / base[0]:.2f}x | {tot / base[1]:.2f}x |")
 
@@ -211,9 +213,15 @@ def peak_memory(common, device, say) -> None:
     say("| loop | peak MiB (max over ranks) | ratio to ZeRO-0 | model states by the ZeRO paper's count, MiB |")
     say("|---|---|---|---|")
     rows = {}
-    for v in VARIANTS:
-        r = run_variant(v, common + MID, 1, 2, device, zero_overrides=scaled)
-        rows[v] = _max_over_ranks([r["memory"]])[0] / 2**20
+    for v in VARIANTS:  # one at a time: each peak is measured alone
+        mem = PeakMemory()
+        loop, batch = build(v, common + MID, 2, device, zero_overrides=scaled)
+        mem.start()
+        for _ in range(2):
+            timed_step(loop, batch)
+        rows[v] = _max_over_ranks([mem.stop()])[0] / 2**20
+        del loop, batch
+        gc.collect()
     n = distributed.world_size()
     # bytes per parameter: bf16 weights + bf16 grads + fp32 master, momentum, variance (2 + 2 + 12);
     # the plain loop keeps fp32 weights, grads and DDP's gradient buckets (4 + 4 + 4) + AdamW (8).
