@@ -1,12 +1,13 @@
 """The one place that decides rank, world size and local rank, and gathers tensors across ranks.
 
 Launchers export different variables: torchrun / deepspeed set RANK, WORLD_SIZE, LOCAL_RANK;
-srun sets SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID (Submitit too, through SLURM). Everything else
-in the project asks this module.
+srun sets SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; a Submitit task (SLURM or local) reads them
+through `from_submitit()` and exports them. Everything else in the project asks this module.
 """
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,12 @@ def _first_node(nodelist: str) -> str:
     return head
 
 
+def _port_for(job_id: str) -> int:
+    """The rendezvous port every task of a job derives alike (29500..49499), requeues included."""
+    n = int(job_id) if job_id.isdigit() else zlib.crc32(job_id.encode())
+    return 29500 + n % 20000
+
+
 def detect(env=None) -> DistEnv:
     """Rank/world/local rank and rendezvous address from whichever launcher started us."""
     env = os.environ if env is None else env
@@ -45,8 +52,22 @@ def detect(env=None) -> DistEnv:
         rank, world, local = 0, 1, 0
     addr = env.get("MASTER_ADDR") or (_first_node(env["SLURM_JOB_NODELIST"])
                                       if "SLURM_JOB_NODELIST" in env else "127.0.0.1")
-    port = int(env.get("MASTER_PORT") or 29500 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    port = int(env.get("MASTER_PORT") or _port_for(env.get("SLURM_JOB_ID", "0")))
     return DistEnv(rank, world, local, addr, port)
+
+
+def from_submitit(job=None) -> DistEnv:
+    """Rank/world/master inside a Submitit task, from its `JobEnvironment` (SLURM, local or debug).
+
+    The master is the job's first node; a one-node job rendezvous on loopback (the local executor's
+    host name need not resolve).
+    """
+    if job is None:
+        import submitit
+
+        job = submitit.JobEnvironment()
+    addr = job.hostnames[0] if job.num_nodes > 1 else "127.0.0.1"
+    return DistEnv(job.global_rank, job.num_tasks, job.local_rank, addr, _port_for(job.job_id))
 
 
 def export_env(d: DistEnv) -> None:
