@@ -1,0 +1,1 @@
+"""Cluster launch of the pre-training (Submitit): see slurm/submit.py."""
