@@ -1,0 +1,243 @@
+"""`slurm/submit.py` on a real two-node SLURM cluster (scripts/slurm_local.sh: slurmctld + slurmd n1, n2).
+
+Three jobs of the tiny config, 2 ranks with DeepSpeed on gloo, run side by side:
+  A  `--cluster slurm --nodes 2`: runs to the end (12 steps).
+  B  the same job, signalled (USR2, as SLURM does before the time limit) after step 2: every rank
+     saves, the job requeues itself through SLURM and the requeued run resumes from that step.
+  C  submitted again into A's directory once A is done, on Submitit's local executor (2 tasks) with
+     more steps and --max-requeues 0: resumes from A's last checkpoint, is signalled, saves and stops.
+Submitit reports UNKNOWN states without SLURM accounting: the tests read result pickles, logs,
+checkpoints and TensorBoard events.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from test_train_distributed import _scalars, _write_data
+
+REPO = Path(__file__).resolve().parents[1]
+SUBMIT = [sys.executable, str(REPO / "slurm" / "submit.py")]
+STEPS, C_STEPS = 12, 40
+TIMEOUT_S = 240
+
+
+# ---------------------------------------------------------------- the cluster
+@pytest.fixture(scope="module")
+def slurm_env(tmp_path_factory):
+    """Starts the local cluster (installing SLURM where missing); yields the environment for jobs."""
+    state = tmp_path_factory.mktemp("slurm")
+    script = str(REPO / "scripts" / "slurm_local.sh")
+    start = subprocess.run(["bash", script, "start", str(state)], capture_output=True, text=True, timeout=600)
+    if start.returncode != 0:
+        subprocess.run(["bash", script, "stop", str(state)], capture_output=True, timeout=120)
+        pytest.skip(f"the local SLURM cluster could not start:\n{start.stdout[-1500:]}{start.stderr[-1500:]}")
+    env = dict(os.environ, SLURM_CONF=str(state / "slurm.conf"), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    try:
+        yield env
+    finally:
+        subprocess.run(["bash", script, "stop", str(state)], capture_output=True, timeout=120)
+
+
+# ---------------------------------------------------------------- helpers
+def _submit(env: dict, out_file: Path, *args) -> str:
+    # To a file, not a pipe: the local executor's job inherits the output and would hold a pipe open.
+    with open(out_file, "w") as out:
+        code = subprocess.run([*SUBMIT, *map(str, args)], cwd=REPO, env=env, stdout=out,
+                              stderr=subprocess.STDOUT, timeout=120).returncode
+    text = out_file.read_text()
+    assert code == 0, text
+    return re.search(r"submitted job (\S+)", text).group(1)
+
+
+def _wait(condition, what: str, logs=()):
+    deadline = time.time() + TIMEOUT_S
+    while not condition():
+        if time.time() > deadline:
+            tails = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
+            raise AssertionError(f"timed out waiting for {what}\n{tails}")
+        time.sleep(0.2)
+
+
+def _log(job_dir: Path, job_id: str, rank: int = 0, kind: str = "out") -> Path:
+    return job_dir / "submitit" / f"{job_id}_{rank}_log.{kind}"
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def _result(job_dir: Path, job_id: str, rank: int):
+    """(outcome, value) that Submitit pickled for one task: ("success", summary) or ("error", traceback)."""
+    with open(job_dir / "submitit" / f"{job_id}_{rank}_result.pkl", "rb") as f:
+        return pickle.load(f)
+
+
+def _in_queue(env: dict, job_id: str) -> bool:
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], env=env, capture_output=True, text=True)
+    return bool(out.stdout.strip())
+
+
+def _wait_slurm_job(env: dict, job_dir: Path, job_id: str) -> None:
+    """Until the job has left the queue (a requeued job stays in it, pending) with rank 0's result."""
+    result = job_dir / "submitit" / f"{job_id}_0_result.pkl"
+    _wait(lambda: result.exists() and not _in_queue(env, job_id), f"job {job_id}",
+          [_log(job_dir, job_id), _log(job_dir, job_id, 0, "err"), _log(job_dir, job_id, 1, "err")])
+
+
+def _saved_at(log: str) -> int:
+    return int(re.search(r"checkpoint requested: saved at step (\d+)", log).group(1))
+
+
+# ---------------------------------------------------------------- the three jobs
+@pytest.fixture(scope="module")
+def jobs(slurm_env, tmp_path_factory):
+    root = tmp_path_factory.mktemp("jobs")
+    config = _write_data(root)
+    common = ["--config", config, "--nodes", 2, "--gpus-per-node", 0, "--time", "10",
+              f"train.steps={STEPS}", "train.save_every=100"]
+    a_dir, b_dir = root / "a", root / "b"
+    a_id = _submit(slurm_env, root / "a.txt", *common, "--output-dir", a_dir)
+    b_id = _submit(slurm_env, root / "b.txt", *common, "--output-dir", b_dir, "--max-requeues", 1)
+
+    def run_b():
+        log = _log(b_dir, b_id)
+        _wait(lambda: "step 2/" in _text(log), "job B's step 2", [log])
+        # What SLURM sends before the time limit (`--signal=USR2@...`), to every task of the job.
+        subprocess.run(["scancel", "--signal=USR2", b_id], env=slurm_env, check=True)
+        _wait_slurm_job(slurm_env, b_dir, b_id)
+
+    with ThreadPoolExecutor(1) as pool:
+        b = pool.submit(run_b)
+        _wait_slurm_job(slurm_env, a_dir, a_id)
+        a_snapshot = {"scalars": _scalars(a_dir), "latest": (a_dir / "checkpoints" / "latest").read_text(),
+                      "files": sorted(str(p.relative_to(a_dir)) for p in a_dir.rglob("*") if p.is_file())}
+
+        c_id = _submit(slurm_env, root / "c.txt", "--cluster", "local", "--nodes", 1, "--tasks-per-node", 2,
+                       "--gpus-per-node", 0, "--time", "10", "--output-dir", a_dir, "--max-requeues", 0,
+                       f"train.steps={C_STEPS}")
+        c_log = _log(a_dir, c_id)
+        try:
+            _wait(lambda: re.search(r"^step 1[4-9]/", _text(c_log), re.M), "job C's step 14", [c_log])
+            rank0_pid = int(re.search(r"^rank 0/2 .* pid (\d+)", _text(c_log), re.M).group(1))
+            os.kill(rank0_pid, signal.SIGUSR2)  # any one rank: the ranks agree on stopping
+            results = [a_dir / "submitit" / f"{c_id}_{rank}_result.pkl" for rank in (0, 1)]
+            _wait(lambda: all(r.exists() for r in results), "job C", [c_log, _log(a_dir, c_id, 0, "err")])
+        finally:
+            try:
+                os.kill(int(c_id), signal.SIGINT)  # the local executor's controller: stops its tasks
+            except ProcessLookupError:
+                pass
+        b.result()
+    return {"a": a_dir, "a_id": a_id, "a_snapshot": a_snapshot, "b": b_dir, "b_id": b_id, "c_id": c_id}
+
+
+# ---------------------------------------------------------------- tests
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_two_node_job_trains_on_both_nodes(jobs):
+    a_dir, a_id = jobs["a"], jobs["a_id"]
+    results = [_result(a_dir, a_id, rank) for rank in (0, 1)]
+    assert [r[0] for r in results] == ["success", "success"], results
+    assert [(r[1]["rank"], r[1]["world_size"], r[1]["node"]) for r in results] == [(0, 2, 0), (1, 2, 1)]
+    assert results[0][1]["step"] == STEPS and not results[0][1]["stopped_early"]
+    for rank in (0, 1):  # each task rendezvoused with the first node of the job
+        assert re.search(rf"^rank {rank}/2 .* master n1:\d+", _log(a_dir, a_id, rank).read_text(), re.M)
+
+    snap = jobs["a_snapshot"]
+    final = f"step_{STEPS:08d}"
+    assert snap["latest"] == final
+    assert {f"checkpoints/{final}/rank_00000.pt", f"checkpoints/{final}/rank_00001.pt",
+            f"checkpoints/{final}/complete.json", "config.yaml", f"submitit/{a_id}_submission.sh"} <= set(snap["files"])
+    ranks_saved = {f.rsplit("/", 1)[1] for f in snap["files"] if re.match(r"checkpoints/step_\d+/rank_", f)}
+    assert ranks_saved == {"rank_00000.pt", "rank_00001.pt"}
+    loss = snap["scalars"]["loss/total"]
+    assert sorted(loss) == list(range(1, STEPS + 1))
+    assert (loss[STEPS - 1] + loss[STEPS]) / 2 < (loss[1] + loss[2]) / 2 - 0.5, loss
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_signalled_job_requeues_itself_and_resumes_at_the_saved_step(jobs):
+    b_dir, b_id = jobs["b"], jobs["b_id"]
+    log = _log(b_dir, b_id).read_text()
+    first, second = log.split("Requeued job", 1)
+    k = _saved_at(first)
+    assert 2 <= k < STEPS
+    assert f"{b_id}_submission.sh" in os.listdir(b_dir / "submitit")
+    assert re.search(r"^rank 0/2 .* requeue 1$", second, re.M)
+    assert f"resumed from {b_dir / 'checkpoints' / f'step_{k:08d}'} at step {k}" in second
+
+    outcome, summary = _result(b_dir, b_id, 0)
+    assert outcome == "success", summary
+    assert (summary["step"], summary["stopped_early"], summary["requeues"]) == (STEPS, False, 1)
+    # The requeued run continues A's trajectory: weights, optimizer, loader and RNG all came back.
+    events = sorted((b_dir / "tensorboard").glob("events*"))
+    assert len(events) == 2
+    after = _scalars(b_dir, events[1:])["loss/total"]
+    assert min(after) == k + 1 and max(after) == STEPS
+    # bf16 rounding lets the two runs drift apart a little, step by step, from there on.
+    reference = jobs["a_snapshot"]["scalars"]["loss/total"]
+    assert after[k + 1] == pytest.approx(reference[k + 1], rel=1e-4)
+    for step in range(k + 2, STEPS + 1):
+        assert after[step] == pytest.approx(reference[step], rel=5e-3), step
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_submitting_into_a_job_dir_resumes_and_max_requeues_bounds_it(jobs):
+    a_dir, c_id = jobs["a"], jobs["c_id"]
+    log = _log(a_dir, c_id).read_text()
+    assert f"resumed from {a_dir / 'checkpoints' / f'step_{STEPS:08d}'} at step {STEPS}" in log
+    k = _saved_at(log)
+    assert STEPS < k < C_STEPS
+    assert "not requeued: all 0 requeues used" in log
+    outcome, error = _result(a_dir, c_id, 0)
+    assert outcome == "error" and "Job not requeued" in error
+    # A's files are all still there (new logs, events and checkpoints were added beside them) ...
+    files = {str(p.relative_to(a_dir)) for p in a_dir.rglob("*") if p.is_file()}
+    kept = {f for f in jobs["a_snapshot"]["files"] if not f.startswith("checkpoints/")}
+    assert kept <= files
+    assert len(list((a_dir / "tensorboard").glob("events*"))) == 2
+    # ... and the job now runs the saved config with the new override on top.
+    from pipeline.config import load_config
+
+    cfg = load_config(a_dir / "config.yaml")
+    assert (cfg.train.steps, cfg.train.save_every, cfg.train.output_dir) == (C_STEPS, 100, str(a_dir))
+    assert (a_dir / "checkpoints" / "latest").read_text() == f"step_{k:08d}"
+
+
+def test_dry_run_prints_the_sbatch_script_and_submits_nothing(tmp_path):
+    out = subprocess.run([*SUBMIT, "--nodes", "8", "--gpus-per-node", "8", "--time", "72:00:00", "--partition",
+                          "gpu", "--account", "proj", "--qos", "high", "--constraint", "h100", "--dry-run"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    script = out.stdout
+    job_dir = tmp_path / "outputs" / "run"  # train.output_dir of the base config
+    for line in ("#SBATCH --nodes=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --time=4320", "#SBATCH --signal=USR2@120", "#SBATCH --partition=gpu",
+                 "#SBATCH --account=proj", "#SBATCH --qos=high", "#SBATCH --constraint=h100",
+                 "#SBATCH --cpus-per-task=9", f"#SBATCH --output={job_dir}/submitit/%j_0_log.out",
+                 f"export PYTHONPATH={REPO}"):
+        assert line in script, line
+    assert re.search(rf"^srun .* -m submitit\.core\._submit {job_dir}/submitit$", script, re.M)
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_time_limits_in_slurm_formats():
+    sys.path.insert(0, str(REPO))
+    from slurm.submit import parse_time
+
+    assert [parse_time(t) for t in ("72:00:00", "3-00:00:00", "1-12", "2-1:30", "90", "90:30", "0:0:30")] == \
+           [4320, 4320, 2160, 2970, 90, 91, 1]
+    with pytest.raises(ValueError):
+        parse_time("0")
