@@ -183,17 +183,8 @@ def consolidate(output_dir_or_tag, out_file) -> Path:
 
 
 def load_fp32(model: torch.nn.Module, path, strict: bool = True) -> torch.nn.Module:
-    """Load a consolidated fp32 file into a plain (non-DeepSpeed) model.
-
-    Parameters the engine stored as [1] (0-dim ones, see engine.lift_scalar_parameters) are
-    reshaped to the model's shape.
-    """
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    own = model.state_dict()
-    for k, v in state.items():
-        if k in own and v.shape != own[k].shape and v.numel() == own[k].numel():
-            state[k] = v.reshape(own[k].shape)
-    model.load_state_dict(state, strict=strict)
+    """Load a consolidated fp32 file into a plain (non-DeepSpeed) model."""
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=strict)
     return model
 
 

@@ -149,17 +149,6 @@ def lr_factor(step: int, tc) -> float:
 
 
 # ---------------------------------------------------------------- engine
-def lift_scalar_parameters(model: nn.Module) -> None:
-    """Give 0-dim parameters (the ITC temperature) shape [1], in place.
-
-    DeepSpeed broadcasts each parameter as `p.data.view(torch.uint8)`, which fails on a 0-dim
-    tensor; a [1] tensor broadcasts through the same arithmetic. `load_fp32` reshapes back.
-    """
-    for p in model.parameters():
-        if p.ndim == 0:
-            p.data = p.data.reshape(1)
-
-
 def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
@@ -191,7 +180,6 @@ def initialize(model: nn.Module, cfg: Config, ds_config: dict | None = None):
     if t.activation_checkpointing:
         model.vision.grad_checkpointing = True
         model.text.set_grad_checkpointing()
-    lift_scalar_parameters(model)
     ds_config = ds_config or ds_config_for(cfg, distributed.world_size())
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t))  # noqa: E731
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, t),

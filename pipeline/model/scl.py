@@ -59,7 +59,8 @@ class SCLModel(nn.Module):
             new.append(self.mvm_decoder)
         for m in new:
             _init_bert(m)
-        self.itc_temp = nn.Parameter(torch.tensor(mc.itc_temp_init))
+        # Shape [1], not 0-dim: DeepSpeed broadcasts parameters through a byte view that 0-dim tensors lack.
+        self.itc_temp = nn.Parameter(torch.full((1,), mc.itc_temp_init))
 
     # ---- encoders and fusion (also used by retrieval evaluation) ----
     def encode_vision(self, pixels, keep=None):
@@ -75,7 +76,7 @@ class SCLModel(nn.Module):
         return v, t
 
     def temperature(self):
-        return self.itc_temp.clamp(0.001, 0.5)
+        return self.itc_temp.clamp(0.001, 0.5).squeeze(0)
 
     def fuse(self, text_tokens, text_mask, vision_tokens):
         """Co-attention over a pair. Returns fused token streams and pooled global features."""
