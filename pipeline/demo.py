@@ -66,10 +66,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="a small corpus and a short run (CI)")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16, help="per process")
     ap.add_argument("--nproc", type=int, default=2)
     args = ap.parse_args(argv)
-    args.steps = args.steps or (30 if args.quick else 300)
+    args.steps = args.steps or (30 if args.quick else 250)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from dataprep.pipeline_demo import build_demo_corpus
     from pipeline.config import load_config
