@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=16, help="per process")
     ap.add_argument("--nproc", type=int, default=2)
     args = ap.parse_args(argv)
-    args.steps = args.steps or (30 if args.quick else 250)
+    args.steps = args.steps or (16 if args.quick else 250)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from dataprep.pipeline_demo import build_demo_corpus
     from pipeline.config import load_config
@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
     out = Path(args.out).resolve()
     t0 = time.time()
     print("== 1/4 dataprep: synthetic corpus -> loopback HTTP -> img2dataset / video stage -> shards", flush=True)
-    sizes = dict(n_images=600, n_videos=120, n_eval_images=100, n_eval_videos=40) if args.quick else \
+    sizes = dict(n_images=300, n_videos=60, n_eval_images=40, n_eval_videos=20) if args.quick else \
         dict(n_images=4000, n_videos=800, n_eval_images=100, n_eval_videos=60)
     corpus = build_demo_corpus(out / "data", seed=0, **sizes)
     for name, rep in corpus["reports"].items():

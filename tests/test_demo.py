@@ -1,0 +1,33 @@
+"""The README's main job, end to end in its short form: dataprep -> shards -> DeepSpeed -> TensorBoard -> retrieval."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_reports_retrieval_beside_chance(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.demo", "--quick", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = proc.stdout
+    for needle in ("image-text (40 items, 40 captions)", "video-text (20 items, 20 captions)",
+                   "i2t R@1", "t2i R@10", "(chance 2.5)", "(chance 5.0)", "tensorboard --logdir"):
+        assert needle in text, needle
+    results = json.loads((out / "run" / "demo_results.json").read_text())
+    assert results["scl"] is True and results["steps"] == 16
+    for modality, n in (("image", 40), ("video", 20)):
+        m = results["retrieval"][modality]
+        assert (m["n_items"], m["n_captions"]) == (n, n)
+        assert m["chance_t2i_r1"] == pytest.approx(100 / n)
+        assert 0 <= m["itm_r_mean"] <= 100
+    events = EventAccumulator(str(out / "run")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/total", "loss/itc", "loss/itm", "loss/mlm", "loss/scl_vision", "loss/scl_text"} <= tags, tags
+    assert any(t.startswith("eval/") for t in tags), tags
