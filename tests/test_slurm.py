@@ -27,7 +27,7 @@ from test_train_distributed import _scalars, _write_data
 REPO = Path(__file__).resolve().parents[1]
 SUBMIT = [sys.executable, str(REPO / "slurm" / "submit.py")]
 STEPS, C_STEPS = 12, 40
-TIMEOUT_S = 240
+TIMEOUT_S = 480  # per wait; a quiet machine needs well under half
 
 
 # ---------------------------------------------------------------- the cluster
