@@ -15,7 +15,6 @@ machine load hits both alike.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -30,21 +29,11 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from dataprep import stages  # noqa: E402
 from dataprep.config import CorpusConfig  # noqa: E402
 from dataprep.serve import LoopbackServer  # noqa: E402
-
-
-def photo(rng) -> bytes:
-    """A 640x480 JPEG with smooth structure and grain: it decodes and resizes like a photo."""
-    y, x = np.mgrid[0:480, 0:640].astype(np.float32)
-    img = np.stack([np.sin(x / rng.uniform(20, 80)) * 80 + 120, np.cos(y / rng.uniform(20, 80)) * 80 + 120,
-                    (x + y) / 1120 * 255], -1) + rng.normal(0, 12, (480, 640, 3))
-    buf = io.BytesIO()
-    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+from _media import photo  # noqa: E402
 
 
 def direct(parquet: Path, out: Path, args) -> float:

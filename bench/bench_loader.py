@@ -34,16 +34,7 @@ from pipeline.data import build_train_loader, train_tokenizer  # noqa: E402
 
 WORDS = "a the dog cat man woman red blue runs sits on in near beach park street table".split()
 BATCH, FRAMES = 8, 4
-
-
-def photo(rng) -> bytes:
-    """A 640x480 JPEG with smooth structure and grain (decodes like a photo, unlike pure noise)."""
-    y, x = np.mgrid[0:480, 0:640].astype(np.float32)
-    img = np.stack([np.sin(x / rng.uniform(20, 80)) * 80 + 120, np.cos(y / rng.uniform(20, 80)) * 80 + 120,
-                    (x + y) / 1120 * 255], -1) + rng.normal(0, 12, (480, 640, 3))
-    buf = io.BytesIO()
-    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+from _media import photo  # noqa: E402
 
 
 def clip(rng, seconds=10, fps=25) -> bytes:

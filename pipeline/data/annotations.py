@@ -13,7 +13,7 @@ import csv
 import json
 from pathlib import Path
 
-from pipeline.data.samples import BadSample, decode_sample
+from pipeline.data.evalset import EvalSamples
 from pipeline.data.shards import DataError, RawSample, Skips
 
 ANNOTATION_SUFFIXES = (".jsonl", ".csv")
@@ -41,38 +41,30 @@ def read_annotation(path: Path) -> list[tuple[str, list[str]]]:
     return list(items.items())
 
 
-class AnnotationSamples:
+class AnnotationSamples(EvalSamples):
     """Iterable of (key, pixels [T, 3, H, W], captions) from an annotation file and a media folder."""
 
     def __init__(self, annotation: str, modality: str, cfg, folder: str | None = None,
                  num_samples: int | None = None):
+        if modality not in ("image", "video"):
+            raise ValueError(f"modality={modality!r} must be 'image' or 'video'")
         self.path = Path(annotation)
         if not self.path.is_file():
             raise DataError(f"annotation file {annotation} not found")
         self.folder = Path(folder) if folder else self.path.parent
-        self.modality, self.cfg = modality, cfg
-        self.items = read_annotation(self.path)[:num_samples or None]
+        self.modality, self.cfg, self.num_samples = modality, cfg, num_samples
+        self.items = read_annotation(self.path)
         self.skipped: dict = {}
 
-    def __iter__(self):
-        d = self.cfg.data
-        size, frames = (d.video_size, d.num_frames) if self.modality == "video" else (d.image_size, 1)
-        skips, count = Skips("eval"), 0
-        self.skipped = skips.pending
+    def raw_samples(self, skips: Skips):
         for media, captions in self.items:
             file = self.folder / media
             if not file.is_file():
                 skips.add("missing_file", str(file))
                 continue
-            raw = RawSample(key=Path(media).stem, url=str(self.path),
+            yield RawSample(key=Path(media).stem, url=str(self.path),
                             files={file.suffix.lstrip(".").lower(): file.read_bytes(),
                                    "json": json.dumps({"captions": captions}).encode()})
-            try:
-                pixels, caps = decode_sample(raw, self.modality, size, frames, None, d.crop_scale)
-            except BadSample as bad:
-                skips.add(bad.reason, f"{file}: {bad}")
-                continue
-            count += 1
-            yield raw.key, pixels, caps
-        if count == 0:
-            raise DataError(f"{self.path}: no usable {self.modality} item in {self.folder} (skipped: {self.skipped})")
+
+    def describe(self) -> str:
+        return f"{self.path} (media in {self.folder})"

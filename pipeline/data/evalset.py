@@ -22,25 +22,30 @@ class EvalSamples:
         self.num_samples = num_samples if num_samples is not None else (cfg.eval.num_samples or None)
         self.skipped: dict = {}
 
+    def raw_samples(self, skips: Skips):
+        for url in self.urls:
+            yield from read_shard(url, skips)
+
+    def describe(self) -> str:
+        return f"eval shards {self.urls[0]}..."
+
     def __iter__(self):
         d = self.cfg.data
         size, frames = (d.video_size, d.num_frames) if self.modality == "video" else (d.image_size, 1)
         skips, count = Skips("eval"), 0
         self.skipped = skips.pending  # live counts, readable while iterating
-        for url in self.urls:
-            for raw in read_shard(url, skips):
-                if self.num_samples is not None and count >= self.num_samples:
-                    return
-                try:
-                    pixels, captions = decode_sample(raw, self.modality, size, frames, None, d.crop_scale)
-                except BadSample as bad:
-                    skips.add(bad.reason, f"{raw.url} key {raw.key}: {bad}")
-                    continue
-                count += 1
-                yield raw.key, pixels, captions
+        for raw in self.raw_samples(skips):
+            if self.num_samples is not None and count >= self.num_samples:
+                return
+            try:
+                pixels, captions = decode_sample(raw, self.modality, size, frames, None, d.crop_scale)
+            except BadSample as bad:
+                skips.add(bad.reason, f"{raw.url} key {raw.key}: {bad}")
+                continue
+            count += 1
+            yield raw.key, pixels, captions
         if count == 0:
-            raise DataError(f"eval shards {self.urls[0]}... hold no usable {self.modality} sample "
-                            f"(skipped: {self.skipped})")
+            raise DataError(f"{self.describe()} hold no usable {self.modality} sample (skipped: {self.skipped})")
 
 
 def build_eval_samples(shards: str, modality: str, cfg, num_samples: int | None = None) -> EvalSamples:

@@ -6,7 +6,6 @@ vision keys keep SDPA on its fused kernel.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -184,7 +184,7 @@ class SCLModel(nn.Module):
 
     def _forward_naive(self, batch, generator):
         """One full forward per objective, re-encoding every time (the reference's schedule)."""
-        lc, pixels, mask, ids = self.loss_cfg, batch["pixels"], batch["attention_mask"], batch["text_ids"]
+        lc, pixels, mask = self.loss_cfg, batch["pixels"], batch["attention_mask"]
         enc_v = lambda keep=None: self.encode_vision(pixels, keep)
         enc_t = lambda key="text_ids": self.encode_text(batch[key], mask)
         losses = {}
