@@ -5,7 +5,7 @@ import logging
 import pytest
 from webdataset import TarWriter
 
-from data_fixtures import caption, image_bytes, tiny_config, video_bytes, write_shards
+from data_fixtures import caption, image_bytes, tiny_config, write_shards
 from pipeline.data import DataError, build_eval_samples, build_train_loader, train_tokenizer
 
 

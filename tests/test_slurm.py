@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from test_train_distributed import _scalars, _write_data
+from train_fixtures import read_scalars, write_train_data
 
 REPO = Path(__file__).resolve().parents[1]
 SUBMIT = [sys.executable, str(REPO / "slurm" / "submit.py")]
@@ -102,7 +102,7 @@ def _saved_at(log: str) -> int:
 @pytest.fixture(scope="module")
 def jobs(slurm_env, tmp_path_factory):
     root = tmp_path_factory.mktemp("jobs")
-    config = _write_data(root)
+    config = write_train_data(root)
     common = ["--config", config, "--nodes", 2, "--gpus-per-node", 0, "--time", "10",
               f"train.steps={STEPS}", "train.save_every=100"]
     a_dir, b_dir = root / "a", root / "b"
@@ -119,7 +119,7 @@ def jobs(slurm_env, tmp_path_factory):
     with ThreadPoolExecutor(1) as pool:
         b = pool.submit(run_b)
         _wait_slurm_job(slurm_env, a_dir, a_id)
-        a_snapshot = {"scalars": _scalars(a_dir), "latest": (a_dir / "checkpoints" / "latest").read_text(),
+        a_snapshot = {"scalars": read_scalars(a_dir), "latest": (a_dir / "checkpoints" / "latest").read_text(),
                       "files": sorted(str(p.relative_to(a_dir)) for p in a_dir.rglob("*") if p.is_file())}
 
         c_id = _submit(slurm_env, root / "c.txt", "--cluster", "local", "--nodes", 1, "--tasks-per-node", 2,
@@ -183,7 +183,7 @@ def test_signalled_job_requeues_itself_and_resumes_at_the_saved_step(jobs):
     # The requeued run continues A's trajectory: weights, optimizer, loader and RNG all came back.
     events = sorted((b_dir / "tensorboard").glob("events*"))
     assert len(events) == 2
-    after = _scalars(b_dir, events[1:])["loss/total"]
+    after = read_scalars(b_dir, events[1:])["loss/total"]
     assert min(after) == k + 1 and max(after) == STEPS
     # bf16 rounding lets the two runs drift apart a little, step by step, from there on.
     reference = jobs["a_snapshot"]["scalars"]["loss/total"]

@@ -13,7 +13,6 @@ Three launches (process start-up dominates on CPU, so each launch does several t
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -24,61 +23,10 @@ import time
 from pathlib import Path
 
 import pytest
+from train_fixtures import STEPS, read_scalars, write_train_data
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 8
 NAN_CALLS_ONCE, NAN_FROM_CALL = 3, 8  # rank 1's forward calls that return a NaN loss (ZeRO-3 run)
-
-WORDS = "red green blue yellow black white dog cat car tree sky sea on the a with near small big".split()
-
-
-# ---------------------------------------------------------------- fixtures: shards, tokenizer, ViT file
-def _write_data(root: Path) -> Path:
-    """Two shards of random-colour images + captions (one corrupt image), a tokenizer, a ViT
-    state dict for `model.vision.pretrained`, and the YAML config of the runs."""
-    import numpy as np
-    import timm
-    import torch
-    from PIL import Image
-    from webdataset import TarWriter
-
-    from pipeline.data import train_tokenizer
-
-    rng = np.random.default_rng(0)
-    captions, sizes = [], {}
-    for s in range(2):
-        name = f"{s:05d}.tar"
-        with TarWriter(str(root / name)) as sink:
-            for i in range(32):
-                buf = io.BytesIO()
-                Image.new("RGB", (24, 20), tuple(int(c) for c in rng.integers(0, 256, 3))).save(buf, "JPEG")
-                jpg = b"not a jpeg" if (s, i) == (1, 5) else buf.getvalue()
-                captions.append(" ".join(rng.choice(WORDS, 6)))
-                sink.write({"__key__": f"{s:04d}{i:05d}", "jpg": jpg, "txt": captions[-1]})
-        sizes[name] = 32
-    (root / "sizes.json").write_text(json.dumps(sizes))
-    train_tokenizer(captions, root / "tokenizer", vocab_size=320)
-    torch.manual_seed(123)
-    vit = timm.create_model("vit_base_patch16_clip_224", pretrained=False, num_classes=0, img_size=32,
-                            patch_size=8, embed_dim=64, depth=2, num_heads=2)
-    torch.save(vit.state_dict(), root / "vit.pth")
-    config = root / "train.yaml"
-    config.write_text(f"""\
-inherit: tiny
-model:
-  vision: {{pretrained: {root}/vit.pth, pretrained_depth: 2, depth: 1, image_size: 16}}
-  text: {{layers: 1, vocab_size: 320, max_len: 16}}
-  fusion: {{layers: 1}}
-data:
-  tokenizer: {root}/tokenizer
-  sources: [{{name: toy, shards: "{root}/{{00000..00001}}.tar"}}]
-  batch_size: 4
-  image_size: 16
-  workers: 0
-train: {{steps: {STEPS}, warmup_steps: 2, lr: 2.0e-3, log_every: 1, save_every: 4, keep_last: 1}}
-""")
-    return config
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -121,24 +69,11 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _scalars(run_dir: Path, files=None) -> dict:
-    """{tag: {step: value}} read with TensorBoard's own EventAccumulator (later files win)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict = {}
-    for f in files or sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
-    return out
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Launch A in the background while B runs, kill B, then C. Returns the paths."""
     root = tmp_path_factory.mktemp("train")
-    config = _write_data(root)
+    config = write_train_data(root)
     a = _torchrun([Path(__file__), "--config", config, "--out", root], root / "a.log")
     b_dir = root / "zero2_resumed"
     b = _torchrun(["pipeline/pretrain.py", "--config", config, "train.zero_stage=2",
@@ -172,18 +107,18 @@ def _mean(d: dict, steps) -> float:
 @pytest.mark.slow
 def test_each_zero_stage_reduces_the_loss_and_agrees_at_step_one(runs):
     root = runs["root"]
-    losses = {stage: _scalars(root / f"zero{stage}")["loss/total"] for stage in (1, 2, 3)}
+    losses = {stage: read_scalars(root / f"zero{stage}")["loss/total"] for stage in (1, 2, 3)}
     for stage, loss in losses.items():
         last = sorted(loss)[-2:]
         assert _mean(loss, last) < _mean(loss, [1, 2]) - 0.5, (stage, loss)
-    b_first = _scalars(runs["resumed"], sorted((runs["resumed"] / "tensorboard").glob("events*"))[:1])
+    b_first = read_scalars(runs["resumed"], sorted((runs["resumed"] / "tensorboard").glob("events*"))[:1])
     for loss in (losses[2], losses[3], b_first["loss/total"]):
         assert loss[1] == pytest.approx(losses[1][1], rel=1e-2)
 
 
 @pytest.mark.slow
 def test_evaluation_hook_metrics_reach_tensorboard(runs):
-    evals = {t: v for t, v in _scalars(runs["root"] / "zero1").items() if t.startswith("eval/")}
+    evals = {t: v for t, v in read_scalars(runs["root"] / "zero1").items() if t.startswith("eval/")}
     assert {"eval/itc_i2t_r1", "eval/itm_r_mean"} <= set(evals)
     assert all(set(v) == {STEPS} for v in evals.values())
 
@@ -214,7 +149,7 @@ def test_zero3_holds_the_pretrained_vision_weights(runs):
 @pytest.mark.slow
 def test_nonfinite_loss_is_skipped_then_stops_the_run(runs):
     root = runs["root"]
-    zero3 = _scalars(root / "zero3")
+    zero3 = read_scalars(root / "zero3")
     # forward call 3 was NaN on rank 1 only: both ranks skipped it, step 3 used the next batch
     assert zero3["train/nonfinite_skipped"][2] == 0 and zero3["train/nonfinite_skipped"][3] == 1
     assert max(zero3["loss/total"]) == 6  # calls 8 and 9 were NaN: max_nonfinite=2 stopped at step 7
@@ -230,8 +165,8 @@ def test_kill_and_resume_continues_the_same_trajectory(runs):
     k, resumed = runs["killed_at"], runs["resumed"]
     assert 4 <= k < STEPS
     assert f"resumed from {resumed / 'checkpoints' / f'step_{k:08d}'} at step {k}" in runs["c_log"]
-    after = _scalars(resumed, sorted((resumed / "tensorboard").glob("events*"))[-1:])
-    reference = _scalars(runs["root"] / "zero2")
+    after = read_scalars(resumed, sorted((resumed / "tensorboard").glob("events*"))[-1:])
+    reference = read_scalars(runs["root"] / "zero2")
     assert min(after["loss/total"]) == k + 1 and max(after["loss/total"]) == STEPS
     for step in range(k + 1, STEPS + 1):
         assert after["loss/total"][step] == pytest.approx(reference["loss/total"][step], rel=1e-3), step
@@ -245,14 +180,14 @@ def test_kill_and_resume_continues_the_same_trajectory(runs):
 
 @pytest.mark.slow
 def test_tensorboard_holds_the_tags(runs):
-    tags = set(_scalars(runs["resumed"]))
+    tags = set(read_scalars(runs["resumed"]))
     expected = {"loss/total", "loss/itc", "loss/itm", "loss/mlm", "loss/scl_vision", "loss/scl_text",
                 "lr/backbone_decay", "lr/backbone_no_decay", "lr/head_decay", "lr/head_no_decay",
                 "train/grad_norm", "train/nonfinite_skipped", "temperature/itc", "temperature/scl",
                 "throughput/samples_per_s", "throughput/tokens_per_s", "time/data_wait_s", "time/compute_s",
                 "data/skipped/corrupt_image"}
     assert expected <= tags, expected - tags
-    zero3 = set(_scalars(runs["root"] / "zero3"))  # ZeRO-3 wraps the optimizer differently
+    zero3 = set(read_scalars(runs["root"] / "zero3"))  # ZeRO-3 wraps the optimizer differently
     assert {t for t in expected if t.startswith("lr/")} <= zero3 and "train/grad_norm" in zero3
 
 
