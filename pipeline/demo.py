@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -93,6 +94,10 @@ def main(argv=None) -> dict:
     print(f"== 3/4 pre-training: tiny model, {args.steps} steps, DeepSpeed ZeRO-2 bf16, {args.nproc} processes",
           flush=True)
     config = write_config(out, corpus, tok_dir, args)
+    run_dir = Path(load_config(config).train.output_dir)
+    if run_dir.exists():  # each demo is a fresh run (the trainer would otherwise resume the last one)
+        print(f"   removing the previous demo run {run_dir}", flush=True)
+        shutil.rmtree(run_dir)
     pretrain(config, args.nproc)
 
     print("== 4/4 zero-shot retrieval on held-out pairs", flush=True)
