@@ -52,16 +52,15 @@ def chance_recall(txt2img, n_img: int, ks=KS) -> dict:
     return out
 
 
-def rerank(sim: torch.Tensor, k: int, score_fn, rows=None) -> torch.Tensor:
+def rerank(sim: torch.Tensor, k: int, score_fn) -> torch.Tensor:
     """Re-score the top-k columns of each row with `score_fn(row, cols) -> [k]`; the top k stay above
     every other column and the rest keep their order, so only the order within the top k changes."""
     out = sim.clone()
-    rows = range(sim.shape[0]) if rows is None else rows
     if k <= 0:
         return out
     top = sim.topk(min(k, sim.shape[1]), dim=1).indices
     floor = sim.max() + 1.0
-    for r in rows:
+    for r in range(sim.shape[0]):
         s = score_fn(r, top[r]).float().cpu()
         out[r, top[r]] = floor + (s - s.min())
     return out
