@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
 
@@ -30,28 +31,29 @@ class MLMHead(nn.Module):
 class MVMDecoder(nn.Module):
     """A light MAE decoder: one transformer block per frame over visible tokens + mask tokens.
 
-    Its positional embedding is a projection of the encoder's (already resampled to the grid), so
-    it works at every resolution the encoder does.
+    Positions are MAE's fixed 2-D sin-cos embedding of the patch grid: no parameters to resample,
+    and nothing read from the encoder outside its forward (ZeRO-3 gathers weights only there).
     """
 
     def __init__(self, enc_dim: int, dim: int, heads: int, patch_size: int):
         super().__init__()
-        self.embed, self.pos = nn.Linear(enc_dim, dim), nn.Linear(enc_dim, dim)
+        self.embed = nn.Linear(enc_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, dim))
         self.block = Block(dim, heads)
         self.norm = nn.LayerNorm(dim)
         self.pred = nn.Linear(dim, patch_size * patch_size * 3)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, tokens, keep, enc_pos):
-        """tokens [B, T, 1+K, C] (visible), keep [B, K], enc_pos [1, 1+N, C] -> pixels [B, T, N, p*p*3]."""
+    def forward(self, tokens, keep, grid):
+        """tokens [B, T, 1+K, C] (visible), keep [B, K], grid (gh, gw) -> pixels [B, T, N, p*p*3]."""
         b, t, _, _ = tokens.shape
-        n = enc_pos.shape[1] - 1
+        n = grid[0] * grid[1]
         x = self.mask_token.expand(b, t, n + 1, -1).clone()
         vis = self.embed(tokens)
         x[:, :, 0] = vis[:, :, 0]
         idx = keep[:, None, :, None].expand(b, t, keep.shape[1], x.shape[-1])
         x = x.scatter(2, idx + 1, vis[:, :, 1:])
-        x = (x + self.pos(enc_pos)[:, None]).flatten(0, 1)
+        pos = build_sincos2d_pos_embed(list(grid), x.shape[-1], device=x.device, dtype=x.dtype)
+        x = torch.cat([x[:, :, :1], x[:, :, 1:] + pos], dim=2).flatten(0, 1)
         x = self.norm(self.block(x))
         return self.pred(x[:, 1:]).reshape(b, t, n, -1)

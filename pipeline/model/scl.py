@@ -127,7 +127,7 @@ class SCLModel(nn.Module):
 
     def _mvm_loss(self, pixels, v_masked, keep):
         grid = (pixels.shape[-2] // self.vision.patch_size, pixels.shape[-1] // self.vision.patch_size)
-        pred = self.mvm_decoder(v_masked, keep, self.vision.pos_embed_for(grid))
+        pred = self.mvm_decoder(v_masked, keep, grid)
         target = obj.patchify(pixels, self.vision.patch_size)
         dropped = torch.ones(pred.shape[0], pred.shape[2], dtype=torch.bool, device=pred.device)
         dropped.scatter_(1, keep, False)
