@@ -17,8 +17,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
-import importlib  # noqa: E402
-import importlib.util  # noqa: E402
 import logging  # noqa: E402
 import random  # noqa: E402
 import threading  # noqa: E402
@@ -27,7 +25,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import checkpoint, distributed, engine as engine_lib  # noqa: E402
+from pipeline import checkpoint, distributed, engine as engine_lib, retrieval  # noqa: E402
 from pipeline.config import Config, dump_config, load_config, to_dict  # noqa: E402
 from pipeline.data import build_train_loader  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
@@ -60,14 +58,10 @@ def _batches(loader):
 
 
 def _eval_hook(cfg: Config):
-    """`pipeline.retrieval.evaluate_during_training(model, cfg, step) -> {metric: value}` when that
-    module exists and evaluation data is configured; else None."""
+    """Retrieval evaluation every `train.eval_every` steps when `eval.data` is set; else None."""
     if not (cfg.eval.data and cfg.train.eval_every > 0):
         return None
-    if importlib.util.find_spec("pipeline.retrieval") is None:
-        log.warning("eval.data is set but pipeline.retrieval is not available: no evaluation during training")
-        return None
-    return getattr(importlib.import_module("pipeline.retrieval"), "evaluate_during_training", None)
+    return retrieval.evaluate_during_training
 
 
 def _engine_metrics(engine, cfg: Config, lrs: dict, skipped: int) -> dict:

@@ -226,7 +226,7 @@ def test_batch_tokens_counts_text_and_vision():
     assert monitor.batch_tokens(batch, patch_size=8) == 5 + 2 * 4 * (1 + 16)
 
 
-def test_eval_hook_only_with_eval_data(monkeypatch):
+def test_eval_hook_only_with_eval_data():
     assert pretrain._eval_hook(load_config("tiny", ["train.eval_every=10"])) is None
     from pipeline import retrieval
 
