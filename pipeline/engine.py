@@ -24,8 +24,9 @@ DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
 # Parameters that are embeddings (no weight decay) though they are not nn.Embedding weights.
 _EMBEDDING_NAMES = ("pos_embed", "cls_token", "temporal_embed", "mask_token")
-# Top-level modules trained at the backbone rate; everything else (fusion, heads) gets head_lr_mult.
-_BACKBONE = ("vision", "text", "itc_temp")
+# Top-level modules trained at the backbone rate (the towers and, as in the reference, the ITC
+# projections); everything else (fusion, poolers, ITM/MLM/MVM heads) gets head_lr_mult.
+_BACKBONE = ("vision", "text", "itc_temp", "text_proj", "vision_proj")
 
 
 # ---------------------------------------------------------------- DeepSpeed config

@@ -68,11 +68,12 @@ def mvm_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_itm_negatives(sim_i2t: torch.Tensor, mode: str = "hard", generator=None):
+def sample_itm_negatives(sim_i2t: torch.Tensor, mode: str = "hard", generator=None, temperature=1.0):
     """One negative text per image and one negative image per text.
 
-    `sim_i2t` is the [B, B] ITC similarity. "hard" samples j ≠ i with probability softmax(sim)
-    (ALBEF); "random" samples j ≠ i uniformly. Returns (text_for_image, image_for_text) indices.
+    `sim_i2t` is the [B, B] ITC cosine similarity. "hard" samples j ≠ i with probability
+    softmax(sim / temperature) (ALBEF, at the ITC temperature: at τ = 1 cosines in [-1, 1] give a
+    nearly uniform draw); "random" samples j ≠ i uniformly. Returns (text_for_image, image_for_text).
     """
     b = sim_i2t.shape[0]
     if b < 2:
@@ -80,7 +81,10 @@ def sample_itm_negatives(sim_i2t: torch.Tensor, mode: str = "hard", generator=No
     eye = torch.eye(b, dtype=torch.bool, device=sim_i2t.device)
 
     def draw(sim):
-        w = torch.softmax(sim.float(), dim=1) if mode == "hard" else torch.ones_like(sim, dtype=torch.float)
+        if mode == "hard":
+            w = torch.softmax(sim.float().masked_fill(eye, float("-inf")) / float(temperature), dim=1)
+        else:
+            w = torch.ones_like(sim, dtype=torch.float)
         w = w.masked_fill(eye, 0.0) + (~eye) * 1e-12  # never the positive; never an all-zero row
         return torch.multinomial(w, 1, generator=generator).squeeze(1)
 

@@ -1,5 +1,9 @@
 """Zero-shot retrieval: R@1/5/10 both ways, ITC scoring with optional ITM re-ranking of the top k.
 
+Re-ranking (`eval.rerank`): every query's ITC top k are re-scored, by default with the ITC logit
+plus the ITM log-odds (ALBEF's ITC + ITM), or with the ITM log-odds alone (METER). Both figures
+and the ITC-only one are reported; the printed line names the one it shows.
+
 An eval set is a list of visual items (image or video), each with one or more captions. A text→image
 hit is the caption's own item; an image→text hit is any of the item's captions. Work is spread over
 ranks and gathered; every rank runs the same number of forward calls with the same shapes, so the
@@ -119,10 +123,13 @@ def extract_features(model, items, captions, tokenizer, cfg, device):
 
 
 @torch.no_grad()
-def itm_rerank(model, sim, k, query_tokens, cand_tokens, text_is_query, t_mask, device, batch: int):
-    """ITM log-odds for each query's top-k candidates; queries split over ranks, rows gathered."""
+def itm_rerank(model, sim, k, query_tokens, cand_tokens, text_is_query, t_mask, device, batch: int,
+               mode: str = "itc_itm"):
+    """Re-score each query's top-k candidates: ITM log-odds (`mode="itm"`), or the ITC logit
+    (cosine / temperature) plus the ITM log-odds (`"itc_itm"`). Queries split over ranks, rows gathered."""
     if k <= 0:
         return sim
+    temp = float(model.temperature())
     dtype = next(model.parameters()).dtype
     top = sim.topk(min(k, sim.shape[1]), dim=1).indices
     scores = {}
@@ -135,6 +142,8 @@ def itm_rerank(model, sim, k, query_tokens, cand_tokens, text_is_query, t_mask, 
         fused = model.fuse(text.to(device, dtype), t_mask[t_idx].to(device), vision.to(device, dtype))
         logits = model.itm_logits(fused).float()
         s = (logits[:, 1] - logits[:, 0]).view(len(chunk), -1).cpu()
+        if mode == "itc_itm":
+            s = s + sim[torch.tensor(chunk)[:, None], top[chunk]] / temp
         for j, r in enumerate(chunk):
             scores[r] = s[j]
     scores = _gather_rows(scores)
@@ -143,7 +152,8 @@ def itm_rerank(model, sim, k, query_tokens, cand_tokens, text_is_query, t_mask, 
 
 @torch.no_grad()
 def evaluate_retrieval(model, samples, tokenizer, cfg, device=None, rerank_k=None) -> dict:
-    """R@k both ways on (key, pixels, captions) samples; ITC scores, top-k re-ranked by ITM."""
+    """R@k both ways on (key, pixels, captions) samples: `itc_*` from ITC alone, and with k > 0
+    `itc_itm_*` (ITC + ITM on the top k) and `itm_*` (ITM alone on the top k)."""
     device = device or next(model.parameters()).device
     rerank_k = cfg.eval.itm_rerank_k if rerank_k is None else rerank_k
     was_training = model.training
@@ -161,9 +171,11 @@ def evaluate_retrieval(model, samples, tokenizer, cfg, device=None, rerank_k=Non
     sim = v_feat @ t_feat.t()
     metrics = {"itc_" + k: v for k, v in recall_at_k(sim, sim.t(), txt2img).items()}
     if rerank_k > 0:
-        i2t = itm_rerank(model, sim, rerank_k, v_tok, t_tok, False, t_mask, device, cfg.eval.batch_size)
-        t2i = itm_rerank(model, sim.t(), rerank_k, t_tok, v_tok, True, t_mask, device, cfg.eval.batch_size)
-        metrics.update({"itm_" + k: v for k, v in recall_at_k(i2t, t2i, txt2img).items()})
+        for mode in ("itc_itm", "itm"):
+            i2t = itm_rerank(model, sim, rerank_k, v_tok, t_tok, False, t_mask, device, cfg.eval.batch_size, mode)
+            t2i = itm_rerank(model, sim.t(), rerank_k, t_tok, v_tok, True, t_mask, device, cfg.eval.batch_size, mode)
+            metrics.update({f"{mode}_{k}": v for k, v in recall_at_k(i2t, t2i, txt2img).items()})
+        metrics["rerank"] = cfg.eval.rerank
     metrics.update({"chance_" + k: v for k, v in chance_recall(txt2img, len(items)).items()})
     metrics.update(n_items=len(items), n_captions=len(captions))
     model.train(was_training)
@@ -188,11 +200,14 @@ def evaluate_during_training(model, cfg, step) -> dict:
     metrics = evaluate_retrieval(model, samples, load_tokenizer(cfg.data.tokenizer), cfg)
     if distributed.is_main():
         log.info("step %d retrieval: %s", step, format_metrics(metrics))
-    return {k: v for k, v in metrics.items() if not k.startswith("chance_")}
+    return {k: v for k, v in metrics.items() if not k.startswith("chance_") and not isinstance(v, str)}
 
 
-def format_metrics(m: dict) -> str:
-    best = "itm" if "itm_r_mean" in m else "itc"
+def format_metrics(m: dict, scores: str | None = None) -> str:
+    """One line of R@k beside chance, for `scores` (default: the configured re-ranking, else ITC)."""
+    best = scores or (m["rerank"] if "rerank" in m else "itc")
+    if f"{best}_r_mean" not in m:
+        best = "itc"
     parts = [f"{d} R@{k} {m[f'{best}_{d}_r{k}']:.1f} (chance {m[f'chance_{d}_r{k}']:.1f})"
              for d in ("i2t", "t2i") for k in KS]
     return f"[{best}] " + ", ".join(parts) + f"; mean {m[f'{best}_r_mean']:.1f} (chance {m['chance_r_mean']:.1f})"

@@ -81,10 +81,10 @@ def test_param_groups_decay_and_head_multiplier():
     assert where[id(params["fusion.token_type.weight"])] == "head_no_decay"
     assert where[id(params["fusion.text_layers.0.norm1.bias"])] == "head_no_decay"
     for name in ("vision.blocks.0.attn.qkv.weight", "vision.patch_embed.proj.weight",
-                 "text.roberta.encoder.layer.0.attention.self.query.weight"):
+                 "text.roberta.encoder.layer.0.attention.self.query.weight", "text_proj.net.0.weight"):
         assert where[id(params[name])] == "backbone_decay", name
     for name in ("fusion.text_layers.0.self_attn.q.weight", "itm_head.weight", "mlm_head.decoder.weight",
-                 "text_proj.weight", "vision_pooler.dense.weight"):
+                 "vision_pooler.dense.weight"):
         assert where[id(params[name])] == "head_decay", name
     assert groups["backbone_decay"]["lr"] == pytest.approx(1e-4) and groups["head_decay"]["lr"] == pytest.approx(5e-4)
     assert groups["backbone_decay"]["weight_decay"] == 0.05 and groups["head_no_decay"]["weight_decay"] == 0.0

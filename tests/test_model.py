@@ -84,15 +84,17 @@ def test_scl_vision_term_has_gradient_for_images_and_videos(cfg, frames):
         out["loss"].backward()
         grads = [p.grad for p in model.vision.blocks.parameters()]
         assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
-        assert model.vision_pooler.dense.weight.grad.abs().sum() > 0
+        # SCL reads the raw fused global tokens; the poolers belong to ITM alone.
+        assert model.fusion.vision_layers[-1].mlp[2].weight.grad.abs().sum() > 0
+        assert model.vision_pooler.dense.weight.grad is None
     finally:
         for k in ("itc", "itm", "mlm", "scl_text"):
             setattr(cfg.loss, k, load_config("tiny").loss.__dict__[k])
 
 
-@pytest.mark.parametrize("frames,target", [(1, "clean"), (4, "clean"), (2, "cross")])
-def test_fused_and_naive_schedules_agree(cfg, frames, target):
-    model = _model(cfg, mvm=0.5, scl_target=target).eval()
+@pytest.mark.parametrize("frames,negatives", [(1, "random"), (4, "hard"), (2, "random")])
+def test_fused_and_naive_schedules_agree(cfg, frames, negatives):
+    model = _model(cfg, mvm=0.5, itm_negatives=negatives).eval()
     batch = synthetic_batch(cfg, frames=frames, seed=3)
     try:
         with torch.no_grad():
@@ -100,7 +102,7 @@ def test_fused_and_naive_schedules_agree(cfg, frames, target):
             model.loss_cfg.schedule = "naive"
             naive = model(batch, generator=torch.Generator().manual_seed(7))
     finally:
-        model.loss_cfg.schedule, cfg.loss.mvm, cfg.loss.scl_target = "fused", 0.0, "clean"
+        model.loss_cfg.schedule, cfg.loss.mvm, cfg.loss.itm_negatives = "fused", 0.0, "random"
     assert fused.keys() == naive.keys()
     for k in fused:
         assert torch.allclose(fused[k], naive[k], atol=1e-5), (k, fused[k], naive[k])
@@ -135,3 +137,22 @@ def test_pretrained_vision_weights_load_from_a_local_file(cfg, tmp_path):
     assert torch.equal(vit.cls_token, full.cls_token)
     assert vit.pos_embed.shape == (1, 1 + 36, 64)  # resampled 4x4 -> 6x6 grid while loading
     assert torch.allclose(vit.pos_embed[:, 0], full.pos_embed[:, 0])
+
+
+def test_base_names_the_openai_quickgelu_clip_tower():
+    """`pretrained: hub` on base loads OpenAI's CLIP ViT-B/16, whose MLPs use QuickGELU (the paper's
+    tower), not timm's default tag for the architecture (a LAION CLIP fine-tuned on ImageNet)."""
+    import timm
+    from timm.layers.activations import QuickGELU
+    from timm.models import get_pretrained_cfg
+
+    base = load_config("base", ["model.vision.pretrained=hub"]).model.vision
+    pcfg = get_pretrained_cfg(base.timm_name)
+    assert pcfg.tag == "openai" and pcfg.hf_hub_id.endswith(".openai"), pcfg
+    # The same architecture name at a small geometry (no download) has QuickGELU activations.
+    small = load_config("base", ["model.vision.width=64", "model.vision.heads=2", "model.vision.depth=1",
+                                 "model.vision.image_size=32", "model.vision.patch_size=8"]).model.vision
+    vit = FlexibleViT(small)
+    assert isinstance(vit.blocks[0].mlp.act, QuickGELU)
+    assert isinstance(timm.create_model("vit_base_patch16_clip_224", pretrained=False, img_size=32, patch_size=8,
+                                        embed_dim=64, depth=1, num_heads=2).blocks[0].mlp.act, torch.nn.GELU)

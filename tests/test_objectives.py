@@ -63,15 +63,43 @@ def test_patchify_matches_the_vit_patch_order():
 def test_itm_negatives_never_pick_the_positive_and_hard_prefers_similar():
     g = torch.Generator().manual_seed(0)
     sim = torch.zeros(4, 4)
-    sim[0, 1] = 10.0  # image 0 is very similar to text 1
+    sim[0, 1] = 0.5  # image 0 is more similar to text 1 than to the others (a cosine)
     counts = torch.zeros(4)
     for _ in range(200):
-        t_for_i, i_for_t = obj.sample_itm_negatives(sim, "hard", g)
+        t_for_i, i_for_t = obj.sample_itm_negatives(sim, "hard", g, temperature=0.07)
         assert (t_for_i != torch.arange(4)).all() and (i_for_t != torch.arange(4)).all()
         counts[t_for_i[0]] += 1
     assert counts[1] > 190
     t_for_i, _ = obj.sample_itm_negatives(sim, "random", g)
     assert (t_for_i != torch.arange(4)).all()
+
+
+def _clustered_similarity(b=32, clusters=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    label = torch.arange(b) % clusters
+    centres = torch.nn.functional.normalize(torch.randn(clusters, 64, generator=g), dim=-1)
+    img = torch.nn.functional.normalize(centres[label] + 0.3 * torch.randn(b, 64, generator=g) / 8, dim=-1)
+    txt = torch.nn.functional.normalize(centres[label] + 0.3 * torch.randn(b, 64, generator=g) / 8, dim=-1)
+    return img @ txt.t(), label
+
+
+def test_hard_negatives_come_from_the_positives_cluster_at_the_model_temperature():
+    sim, label = _clustered_similarity()
+    g = torch.Generator().manual_seed(1)
+    rates = {}
+    for mode in ("hard", "random"):
+        same = []
+        for _ in range(50):
+            t_for_i, i_for_t = obj.sample_itm_negatives(sim, mode, g, temperature=0.07)
+            same += [(label[t_for_i] == label).float().mean(), (label[i_for_t] == label).float().mean()]
+        rates[mode] = torch.stack(same).mean().item()
+    uniform = (32 / 4 - 1) / 31  # the share of same-cluster candidates among the 31 others
+    assert rates["hard"] >= 0.9, rates
+    assert abs(rates["random"] - uniform) < 0.03, rates
+    # At temperature 1 the same cosines give an almost uniform draw: why the temperature matters.
+    same = [(label[obj.sample_itm_negatives(sim, "hard", g, temperature=1.0)[0]] == label).float().mean()
+            for _ in range(50)]
+    assert torch.stack(same).mean().item() < 0.5
 
 
 def _free_port():

@@ -18,6 +18,17 @@ class Pooler(nn.Module):
         return self.act(self.dense(x))
 
 
+class ProjectionHead(nn.Module):
+    """Linear-LN-GELU-Linear to the contrastive space (the reference's ITC projection)."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim), nn.GELU(), nn.Linear(dim, out_dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
 class MLMHead(nn.Module):
     def __init__(self, dim: int, vocab_size: int):
         super().__init__()

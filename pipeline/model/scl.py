@@ -8,8 +8,7 @@ A batch holds
     patch_keep [B, K]               visible patches for masked vision (same in every frame)
 
 Fused schedule (default): each unimodal encoding is computed once (intact / masked image, intact /
-MLM / SCL text); every fusion pass that uses the intact image runs as one concatenated batch; the
-clean pair's pass serves as the ITM positive and gives the SCL targets. The naive schedule re-encodes
+MLM / SCL text); every fusion pass that uses the intact image runs as one concatenated batch. The naive schedule re-encodes
 for every objective (as the reference code does) and exists to check and measure the fused one.
 """
 from __future__ import annotations
@@ -19,15 +18,25 @@ import torch.nn as nn
 
 from pipeline import objectives as obj
 from pipeline.model.fusion import CoAttentionFusion
-from pipeline.model.heads import MLMHead, MVMDecoder, Pooler
+from pipeline.model.heads import MLMHead, MVMDecoder, Pooler, ProjectionHead
 from pipeline.model.text import TextEncoder
 from pipeline.model.vision import FlexibleViT
 
 
-def _init_bert(module: nn.Module) -> None:
+def init_fusion_weights(module: nn.Module, width: int) -> None:
+    """Normal init at std 1/sqrt(width) for the new (non-pretrained) modules; LayerNorms at 1 / 0.
+
+    The reference (METER/BERT) uses std 0.02, i.e. 1/sqrt(2500): at width 768 that keeps each
+    attention and FFN branch a fraction of its post-norm residual, but at small widths it makes
+    the branches ~1e-3 of the residual, so the cross-modal path starts dead and ITM sits at its
+    prior (bench/RESULTS.md: ITM + MLM on the concept task, 300 steps: 0.636 at 0.02 / 0.069 vs
+    0.39 at 1/sqrt(64)). 1/sqrt(width) keeps every branch at the residual's scale at any width
+    (0.036 at 768).
+    """
+    std = width ** -0.5
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
@@ -48,17 +57,19 @@ class SCLModel(nn.Module):
         self.text_pooler, self.vision_pooler = Pooler(d), Pooler(d)
         self.itm_head = nn.Linear(2 * d, 2)
         self.mlm_head = MLMHead(d, mc.text.vocab_size)
-        self.text_proj = nn.Linear(self.text.width, mc.itc_dim)
-        self.vision_proj = nn.Linear(self.vision.width, mc.itc_dim)
-        new = [self.fusion, self.text_pooler, self.vision_pooler, self.itm_head, self.mlm_head,
-               self.text_proj, self.vision_proj]
+        # The reference's ITC projection (Linear-LN-GELU-Linear), trained at the backbone rate.
+        self.text_proj = ProjectionHead(self.text.width, mc.itc_dim)
+        self.vision_proj = ProjectionHead(self.vision.width, mc.itc_dim)
+        new = [self.fusion, self.text_pooler, self.vision_pooler, self.itm_head, self.mlm_head]
         self.mvm_decoder = None
         if cfg.loss.mvm > 0:
             self.mvm_decoder = MVMDecoder(self.vision.width, mc.mvm_decoder_dim, max(1, mc.mvm_decoder_dim // 64),
                                           mc.vision.patch_size)
             new.append(self.mvm_decoder)
         for m in new:
-            _init_bert(m)
+            init_fusion_weights(m, d)
+        init_fusion_weights(self.text_proj, self.text.width)
+        init_fusion_weights(self.vision_proj, self.vision.width)
         # Shape [1], not 0-dim: DeepSpeed broadcasts parameters through a byte view that 0-dim tensors lack.
         self.itc_temp = nn.Parameter(torch.full((1,), mc.itc_temp_init))
 
@@ -79,16 +90,18 @@ class SCLModel(nn.Module):
         return self.itc_temp.clamp(0.001, 0.5).squeeze(0)
 
     def fuse(self, text_tokens, text_mask, vision_tokens):
-        """Co-attention over a pair. Returns fused token streams and pooled global features."""
+        """Co-attention over a pair. Returns the fused token streams, the raw fused global tokens
+        (`text_cls` [B, D], `frame_cls` [B, T, D]: what SCL completes) and the pooled features
+        (`text_pooled`, `vision_pooled`: what ITM reads)."""
         b, t, n, c = vision_tokens.shape
         ft, fv = self.fusion(text_tokens, text_mask, vision_tokens.reshape(b, t * n, c))
         frame_cls = fv.reshape(b, t, n, -1)[:, :, 0]
-        return {"text": ft, "vision": fv,
-                "text_global": self.text_pooler(ft[:, 0]),
-                "vision_global": self.vision_pooler(frame_cls.mean(1))}
+        return {"text": ft, "vision": fv, "text_cls": ft[:, 0], "frame_cls": frame_cls,
+                "text_pooled": self.text_pooler(ft[:, 0]),
+                "vision_pooled": self.vision_pooler(frame_cls.mean(1))}
 
     def itm_logits(self, fused):
-        return self.itm_head(torch.cat([fused["text_global"], fused["vision_global"]], dim=-1))
+        return self.itm_head(torch.cat([fused["text_pooled"], fused["vision_pooled"]], dim=-1))
 
     def _fuse_many(self, pairs):
         """Run several (text, mask, vision) fusion passes of equal shapes as one batch."""
@@ -106,11 +119,15 @@ class SCLModel(nn.Module):
         return getattr(self.loss_cfg, name) > 0
 
     def _itc(self, v_tok, t_tok, losses):
+        """ITC loss into `losses`; returns the [B, B] cosine similarity (no grad) for ITM negatives."""
         vf, tf = self.itc_features(v_tok, t_tok)
-        temp = self.temperature()
-        losses["itc"] = obj.contrastive_loss(vf, tf, temp, gather=True)
+        losses["itc"] = obj.contrastive_loss(vf, tf, self.temperature(), gather=True)
         with torch.no_grad():
             return nn.functional.normalize(vf.float(), dim=-1) @ nn.functional.normalize(tf.float(), dim=-1).t()
+
+    def _itm_negatives(self, sim, generator):
+        return obj.sample_itm_negatives(sim, self.loss_cfg.itm_negatives, generator,
+                                        temperature=self.temperature().detach())
 
     def _itm_loss(self, pos, neg_t, neg_v):
         logits = torch.cat([self.itm_logits(pos), self.itm_logits(neg_t), self.itm_logits(neg_v)])
@@ -122,8 +139,24 @@ class SCLModel(nn.Module):
         sel = labels != obj.IGNORE_INDEX
         return obj.mlm_loss(self.mlm_head(fused["text"][sel]), labels[sel])
 
-    def _scl(self, query, target):
-        return obj.contrastive_loss(query, target.detach(), self.loss_cfg.scl_temperature, gather=True)
+    def _scl_losses(self, masked_v, masked_t, losses):
+        """SCL (the paper's pairing): the masked modality's raw fused global token recovers the
+        intact modality's from the *other* pass, where the intact modality met the masked partner.
+
+            vision: masked image + intact text  ->  intact image + masked text  (per frame, averaged)
+            text:   intact image + masked text  ->  masked image + intact text
+
+        A target from a pass with the same intact partner would let the query copy that partner
+        (the text alone would identify the image); here the partner is masked on the other side.
+        """
+        temp = self.loss_cfg.scl_temperature
+        if self._want("scl_vision"):
+            q, k = masked_v["frame_cls"], masked_t["frame_cls"].detach()
+            losses["scl_vision"] = sum(obj.contrastive_loss(q[:, f], k[:, f], temp, gather=True)
+                                       for f in range(q.shape[1])) / q.shape[1]
+        if self._want("scl_text"):
+            losses["scl_text"] = obj.contrastive_loss(masked_t["text_cls"], masked_v["text_cls"].detach(), temp,
+                                                      gather=True)
 
     def _mvm_loss(self, pixels, v_masked, keep):
         grid = (pixels.shape[-2] // self.vision.patch_size, pixels.shape[-1] // self.vision.patch_size)
@@ -139,13 +172,11 @@ class SCLModel(nn.Module):
         losses["itc_temperature"] = self.temperature().detach()
         return losses
 
+    def _want_scl(self):
+        return self._want("scl_vision") or self._want("scl_text")
+
     def _forward_fused(self, batch, generator):
-        lc, pixels, mask = self.loss_cfg, batch["pixels"], batch["attention_mask"]
-        need_clean = self._want("itm") or (lc.scl_target == "clean" and (self._want("scl_vision")
-                                                                        or self._want("scl_text")))
-        need_masked_v = self._want("scl_vision") or self._want("mvm") or (
-            lc.scl_target == "cross" and self._want("scl_text"))
-        need_scl_t = self._want("scl_text") or (lc.scl_target == "cross" and self._want("scl_vision"))
+        pixels, mask = batch["pixels"], batch["attention_mask"]
         v = self.encode_vision(pixels)
         t = self.encode_text(batch["text_ids"], mask)
         losses = {}
@@ -154,59 +185,49 @@ class SCLModel(nn.Module):
             losses.pop("itc", None)
 
         pairs, names = [], []
-        if need_clean:
-            pairs.append((t, mask, v)), names.append("clean")
         if self._want("itm"):
-            neg_t, neg_v = obj.sample_itm_negatives(sim, lc.itm_negatives, generator)
-            pairs += [(t[neg_t], mask[neg_t], v), (t, mask, v[neg_v])]
-            names += ["neg_t", "neg_v"]
+            neg_t, neg_v = self._itm_negatives(sim, generator)
+            pairs += [(t, mask, v), (t[neg_t], mask[neg_t], v), (t, mask, v[neg_v])]
+            names += ["clean", "neg_t", "neg_v"]
         if self._want("mlm"):
             pairs.append((self.encode_text(batch["mlm_ids"], mask), mask, v)), names.append("mlm")
-        if need_scl_t:
+        if self._want_scl():
             pairs.append((self.encode_text(batch["scl_ids"], mask), mask, v)), names.append("scl_t")
         fused = dict(zip(names, self._fuse_many(pairs))) if pairs else {}
-        if need_masked_v:
+        if self._want_scl() or self._want("mvm"):
             v_m = self.encode_vision(pixels, batch["patch_keep"])
+        if self._want_scl():
             fused["scl_v"] = self.fuse(t, mask, v_m)
 
         if self._want("itm"):
             losses["itm"] = self._itm_loss(fused["clean"], fused["neg_t"], fused["neg_v"])
         if self._want("mlm"):
             losses["mlm"] = self._mlm_loss(fused["mlm"], batch["mlm_labels"])
-        src_v, src_t = ("clean", "clean") if lc.scl_target == "clean" else ("scl_t", "scl_v")
-        if self._want("scl_vision"):
-            losses["scl_vision"] = self._scl(fused["scl_v"]["vision_global"], fused[src_v]["vision_global"])
-        if self._want("scl_text"):
-            losses["scl_text"] = self._scl(fused["scl_t"]["text_global"], fused[src_t]["text_global"])
+        if self._want_scl():
+            self._scl_losses(fused["scl_v"], fused["scl_t"], losses)
         if self._want("mvm"):
             losses["mvm"] = self._mvm_loss(pixels, v_m, batch["patch_keep"])
         return self._total(losses)
 
     def _forward_naive(self, batch, generator):
         """One full forward per objective, re-encoding every time (the reference's schedule)."""
-        lc, pixels, mask = self.loss_cfg, batch["pixels"], batch["attention_mask"]
+        pixels, mask = batch["pixels"], batch["attention_mask"]
         enc_v = lambda keep=None: self.encode_vision(pixels, keep)
         enc_t = lambda key="text_ids": self.encode_text(batch[key], mask)
         losses = {}
         sim = self._itc(enc_v(), enc_t(), losses) if self._want("itc") or self._want("itm") else None
         if not self._want("itc"):
             losses.pop("itc", None)
-        clean = lambda: self.fuse(enc_t(), mask, enc_v())
         if self._want("itm"):
-            neg_t, neg_v = obj.sample_itm_negatives(sim, lc.itm_negatives, generator)
+            neg_t, neg_v = self._itm_negatives(sim, generator)
             t, v = enc_t(), enc_v()
             losses["itm"] = self._itm_loss(self.fuse(t, mask, v), self.fuse(t[neg_t], mask[neg_t], v),
                                            self.fuse(t, mask, v[neg_v]))
         if self._want("mlm"):
             losses["mlm"] = self._mlm_loss(self.fuse(enc_t("mlm_ids"), mask, enc_v()), batch["mlm_labels"])
-        masked_v = lambda: self.fuse(enc_t(), mask, enc_v(batch["patch_keep"]))
-        masked_t = lambda: self.fuse(enc_t("scl_ids"), mask, enc_v())
-        if self._want("scl_vision"):
-            target = clean() if lc.scl_target == "clean" else masked_t()
-            losses["scl_vision"] = self._scl(masked_v()["vision_global"], target["vision_global"])
-        if self._want("scl_text"):
-            target = clean() if lc.scl_target == "clean" else masked_v()
-            losses["scl_text"] = self._scl(masked_t()["text_global"], target["text_global"])
+        if self._want_scl():
+            self._scl_losses(self.fuse(enc_t(), mask, enc_v(batch["patch_keep"])),
+                             self.fuse(enc_t("scl_ids"), mask, enc_v()), losses)
         if self._want("mvm"):
             keep = batch["patch_keep"]
             losses["mvm"] = self._mvm_loss(pixels, enc_v(keep), keep)
