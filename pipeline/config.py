@@ -52,6 +52,8 @@ class FusionConfig:
     heads: int = 12
     mlp_ratio: float = 4.0
     dropout: float = 0.1
+    # Init std of the new modules (fusion, poolers, heads); 0 = 1/sqrt(hidden). The reference's is 0.02.
+    init_std: float = 0.0
 
 
 @dataclass

@@ -137,3 +137,19 @@ def console_line(step: int, total: int, m: dict) -> str:
     if m.get("train/nonfinite_skipped"):
         parts.append(f"nonfinite skipped {int(m['train/nonfinite_skipped'])}")
     return " | ".join(p for p in parts if p)
+
+
+def read_scalars(run_dir, files=None) -> dict:
+    """{tag: {step: value}} of a run's TensorBoard events, read back with TensorBoard's own
+    EventAccumulator (later files win on the same step, as after a resume)."""
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict = {}
+    for f in files or sorted((Path(run_dir) / "tensorboard").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return out

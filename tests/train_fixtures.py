@@ -5,6 +5,8 @@ import io
 import json
 from pathlib import Path
 
+from pipeline.monitor import read_scalars  # noqa: F401 - the tests' TensorBoard read-back
+
 STEPS = 8
 WORDS = "red green blue yellow black white dog cat car tree sky sea on the a with near small big".split()
 
@@ -54,16 +56,3 @@ data:
 train: {{steps: {STEPS}, warmup_steps: 2, lr: 2.0e-3, log_every: 1, save_every: 4, keep_last: 1}}
 """)
     return config
-
-
-def read_scalars(run_dir: Path, files=None) -> dict:
-    """{tag: {step: value}} read with TensorBoard's own EventAccumulator (later files win)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict = {}
-    for f in files or sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
-    return out

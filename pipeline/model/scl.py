@@ -23,8 +23,8 @@ from pipeline.model.text import TextEncoder
 from pipeline.model.vision import FlexibleViT
 
 
-def init_fusion_weights(module: nn.Module, width: int) -> None:
-    """Normal init at std 1/sqrt(width) for the new (non-pretrained) modules; LayerNorms at 1 / 0.
+def init_fusion_weights(module: nn.Module, width: int, std: float = 0.0) -> None:
+    """Normal init at `std` (0: 1/sqrt(width)) for the new (non-pretrained) modules; LayerNorms at 1 / 0.
 
     The reference (METER/BERT) uses std 0.02, i.e. 1/sqrt(2500): at width 768 that keeps each
     attention and FFN branch a fraction of its post-norm residual, but at small widths it makes
@@ -33,7 +33,7 @@ def init_fusion_weights(module: nn.Module, width: int) -> None:
     0.39 at 1/sqrt(64)). 1/sqrt(width) keeps every branch at the residual's scale at any width
     (0.036 at 768).
     """
-    std = width ** -0.5
+    std = std or width ** -0.5
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
@@ -67,9 +67,9 @@ class SCLModel(nn.Module):
                                           mc.vision.patch_size)
             new.append(self.mvm_decoder)
         for m in new:
-            init_fusion_weights(m, d)
-        init_fusion_weights(self.text_proj, self.text.width)
-        init_fusion_weights(self.vision_proj, self.vision.width)
+            init_fusion_weights(m, d, mc.fusion.init_std)
+        init_fusion_weights(self.text_proj, self.text.width, mc.fusion.init_std)
+        init_fusion_weights(self.vision_proj, self.vision.width, mc.fusion.init_std)
         # Shape [1], not 0-dim: DeepSpeed broadcasts parameters through a byte view that 0-dim tensors lack.
         self.itc_temp = nn.Parameter(torch.full((1,), mc.itc_temp_init))
 
