@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from .common import DataprepError
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=int, default=16)
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="where the files will be served")
+    p = sub.add_parser("tasks", help="write the shapes-world VQAv2 / NLVR2 / Karpathy retrieval sets")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64)
     p = sub.add_parser("serve", help="serve a folder on 127.0.0.1 until Ctrl-C")
     p.add_argument("root")
     p.add_argument("--port", type=int, default=8000)
@@ -109,6 +114,11 @@ def _run(args: argparse.Namespace) -> int:
                          fps=args.fps, base_url=args.base_url)
         for key, value in paths.items():
             print(f"[synthetic] {key}: {value}")
+        return 0
+    if args.stage == "tasks":
+        from .synthetic_tasks import build_task_sets
+
+        print(json.dumps(build_task_sets(args.out, seed=args.seed, size=args.image_size), indent=1))
         return 0
     if args.stage == "serve":
         from .serve import serve_forever

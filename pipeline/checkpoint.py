@@ -51,6 +51,12 @@ def is_complete(tag_dir: Path) -> bool:
     return (tag_dir / COMPLETE).is_file()
 
 
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps(obj, indent=1))
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
@@ -82,8 +88,10 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------- save
-def save(engine, output_dir, step: int, client_state: dict, rank_state: dict, keep_last: int) -> Path:
-    """Save on every rank (collective). Returns the tag directory."""
+def save(engine, output_dir, step: int, client_state: dict, rank_state: dict, keep_last: int,
+         protect: tuple[str, ...] = ()) -> Path:
+    """Save on every rank (collective). Returns the tag directory. Tags in `protect` (the best
+    checkpoint) survive pruning."""
     root, tag = checkpoint_root(output_dir), tag_for(step)
     tag_dir = root / tag
     rank = distributed.rank()
@@ -98,16 +106,17 @@ def save(engine, output_dir, step: int, client_state: dict, rank_state: dict, ke
         _atomic_write(tag_dir / COMPLETE, json.dumps({"step": step, "world_size": distributed.world_size(),
                                                       "time": time.time()}))
         _atomic_write(root / LATEST, tag)
-        prune(root, keep_last)
+        prune(root, keep_last, protect)
     distributed.barrier()
     return tag_dir
 
 
-def prune(root: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete tags (all if <= 0); drop incomplete ones."""
+def prune(root: Path, keep_last: int, protect: tuple[str, ...] = ()) -> None:
+    """Keep the newest `keep_last` complete tags (all if <= 0) and those named in `protect`; drop
+    incomplete ones."""
     tags = sorted((d for d in root.glob("step_*") if d.is_dir()), key=_step_of)
     complete = [d for d in tags if is_complete(d)]
-    keep = set(complete[-keep_last:] if keep_last > 0 else complete)
+    keep = set(complete[-keep_last:] if keep_last > 0 else complete) | {d for d in complete if d.name in protect}
     for d in tags:
         if d not in keep:
             shutil.rmtree(d, ignore_errors=True)

@@ -119,6 +119,7 @@ class TrainConfig:
     steps: int = 100_000
     lr: float = 2e-5  # backbone learning rate
     head_lr_mult: float = 5.0  # fusion layers and heads
+    task_head_lr_mult: float = 0.0  # a fine-tuning task's own head (VQA classifier ...); 0 = head_lr_mult
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.98)
     warmup_steps: int = 10_000
@@ -152,12 +153,32 @@ class EvalConfig:
 
 
 @dataclass
+class TaskConfig:
+    """A downstream task (pipeline/finetune.py); unused by pre-training."""
+    name: str = ""  # "vqa", "nlvr2" or "retrieval"
+    init: str = ""  # pre-training run directory, step_* checkpoint or consolidated fp32 file
+    train: str = ""  # annotation file of each split (formats: see pipeline/tasks/<name>.py)
+    val: str = ""
+    test: str = ""
+    train_questions: str = ""  # VQAv2 official layout: the questions file beside each annotations file
+    val_questions: str = ""
+    test_questions: str = ""
+    train_ids: str = ""  # MSR-VTT with MSRVTT_data.json: the training video ids (9k list or CLIP4Clip csv)
+    media_root: str = ""  # images (or videos) folder the annotation paths are relative to
+    modality: str = "image"
+    answers: str = ""  # VQA: answer vocabulary json (python -m pipeline.tasks.vqa vocab ...)
+    metric: str = ""  # the best checkpoint's eval metric; "" = the task's own
+    predictions: str = "predictions.json"  # test predictions (file name in the output directory)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
 
 class ConfigError(ValueError):
@@ -302,6 +323,8 @@ def validate(cfg: Config) -> None:
     _choice(cfg.loss.itm_negatives, ("hard", "random"), "loss.itm_negatives")
     _choice(cfg.loss.schedule, ("fused", "naive"), "loss.schedule")
     _choice(cfg.eval.rerank, ("itc_itm", "itm"), "eval.rerank")
+    _choice(cfg.task.name, ("", "vqa", "nlvr2", "retrieval"), "task.name")
+    _choice(cfg.task.modality, ("image", "video"), "task.modality")
     _choice(cfg.train.precision, ("bf16", "fp16", "fp32"), "train.precision")
     _choice(cfg.train.decay, ("linear", "cosine"), "train.decay")
     _choice(cfg.train.zero_stage, (0, 1, 2, 3), "train.zero_stage")

@@ -116,7 +116,8 @@ def no_weight_decay(name: str, param: nn.Parameter, module: nn.Module) -> bool:
 
 
 def param_groups(model: nn.Module, tc) -> list[dict]:
-    """AdamW groups: {backbone, head} x {decay, no_decay}; heads at `tc.head_lr_mult` x `tc.lr`.
+    """AdamW groups: {backbone, head, task} x {decay, no_decay}; fusion and heads at `tc.head_lr_mult`
+    x `tc.lr`, a fine-tuning task's own head (`model.task_params`) at `tc.task_head_lr_mult`.
 
     Each group carries a `name` (for logging) and its own `lr`; LambdaLR scales every group's
     starting lr by the same schedule factor, so the multiplier holds throughout.
@@ -126,14 +127,17 @@ def param_groups(model: nn.Module, tc) -> list[dict]:
         for p_name, p in mod.named_parameters(recurse=False):
             owner[f"{mod_name}.{p_name}" if mod_name else p_name] = mod
     groups: dict[str, dict] = {}
+    task_heads = tuple(getattr(model, "task_params", ()))
+    mult = {"backbone": 1.0, "head": tc.head_lr_mult, "task": tc.task_head_lr_mult or tc.head_lr_mult}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        part = "backbone" if name.split(".", 1)[0] in _BACKBONE else "head"
+        top = name.split(".", 1)[0]
+        part = "backbone" if top in _BACKBONE else "task" if top in task_heads else "head"
         decay = not no_weight_decay(name, p, owner[name])
         key = f"{part}_{'decay' if decay else 'no_decay'}"
         g = groups.setdefault(key, {"name": key, "params": [], "weight_decay": tc.weight_decay if decay else 0.0,
-                                    "lr": tc.lr * (tc.head_lr_mult if part == "head" else 1.0)})
+                                    "lr": tc.lr * mult[part]})
         g["params"].append(p)
     return list(groups.values())
 
