@@ -102,18 +102,22 @@ def accuracy_report(predictions: dict, records: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------- readers
-def _image_path(media_root: str, split_dir: str, image_id: int) -> str:
-    root = Path(media_root)
-    name = f"COCO_{split_dir}_{int(image_id):012d}.jpg"
-    for cand in (root / split_dir / name, root / name):
-        if cand.is_file():
-            return str(cand)
-    return str(root / split_dir / name)  # reported as missing when loaded
+def _image_path(media_root: str, subtype: str | None, image_id: int) -> str:
+    """The image of `image_id`: <root>/<subtype>/COCO_<subtype>_<id>.jpg, <root>/COCO_<subtype>_<id>.jpg,
+    any <root>/COCO_*_<id>.jpg, or COCO-2017's <root>/<id>.jpg; the first candidate if none exists."""
+    root, iid = Path(media_root), int(image_id)
+    cands = []
+    if subtype:
+        name = f"COCO_{subtype}_{iid:012d}.jpg"
+        cands += [root / subtype / name, root / name]
+    cands += sorted(root.glob(f"COCO_*_{iid:012d}.jpg")) + [root / f"{iid:012d}.jpg"]
+    return str(next((c for c in cands if c.is_file()), cands[0]))
 
 
 def read_official(questions_file: str, annotations_file: str | None, media_root: str) -> list[dict]:
     q = json.loads(Path(questions_file).read_text())
-    split_dir = q.get("data_subtype") or re.search(r"(train|val|test-dev|test)\d{4}", Path(questions_file).name).group(0)
+    found = re.search(r"(train|val|test-dev|test)\d{4}", Path(questions_file).name)
+    subtype = q.get("data_subtype") or (found.group(0) if found else None)
     anns = {}
     if annotations_file:
         for a in json.loads(Path(annotations_file).read_text())["annotations"]:
@@ -124,7 +128,7 @@ def read_official(questions_file: str, annotations_file: str | None, media_root:
         if annotations_file and a is None:
             raise DataError(f"{annotations_file}: no annotation for question {item['question_id']}")
         records.append({"id": item["question_id"], "question_id": item["question_id"], "question": item["question"],
-                        "image": _image_path(media_root, split_dir, item["image_id"]),
+                        "image": _image_path(media_root, subtype, item["image_id"]),
                         "answers": [x["answer"] for x in a["answers"]] if a else None,
                         "answer_type": a.get("answer_type") if a else None})
     return records
