@@ -23,51 +23,9 @@ import time
 from pathlib import Path
 
 import pytest
-from train_fixtures import STEPS, read_scalars, write_train_data
+from train_fixtures import REPO, STEPS, _descendants, _env, _finish, _free_port, _torchrun, read_scalars, write_train_data
 
-REPO = Path(__file__).resolve().parents[1]
 NAN_CALLS_ONCE, NAN_FROM_CALL = 3, 8  # rank 1's forward calls that return a NaN loss (ZeRO-3 run)
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    # TORCH_EXTENSIONS_DIR (set by conftest) is inherited: DeepSpeed's comm op is compiled once.
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def _torchrun(args, log: Path, **kw) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), *map(str, args)]
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, **kw)
-
-
-def _finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> str:
-    proc.wait(timeout=timeout)
-    text = log.read_text()
-    assert proc.returncode == 0, f"exit {proc.returncode}:\n{text[-6000:]}"
-    return text
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (torchrun starts each worker in its own session)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

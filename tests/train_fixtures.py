@@ -5,7 +5,14 @@ import io
 import json
 from pathlib import Path
 
+import os
+import socket
+import subprocess
+import sys
+
 from pipeline.monitor import read_scalars  # noqa: F401 - the tests' TensorBoard read-back
+
+REPO = Path(__file__).resolve().parents[1]
 
 STEPS = 8
 WORDS = "red green blue yellow black white dog cat car tree sky sea on the a with near small big".split()
@@ -56,3 +63,57 @@ data:
 train: {{steps: {STEPS}, warmup_steps: 2, lr: 2.0e-3, log_every: 1, save_every: 4, keep_last: 1}}
 """)
     return config
+
+
+# ---------------------------------------------------------------- launching and killing real runs
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    # TORCH_EXTENSIONS_DIR (set by conftest) is inherited: DeepSpeed's comm op is compiled once.
+    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _torchrun(args, log: Path, **kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), *map(str, args)]
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, **kw)
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> str:
+    proc.wait(timeout=timeout)
+    text = log.read_text()
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{text[-6000:]}"
+    return text
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts each worker in its own session)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL every process below `proc` (the ranks run in their own sessions), then `proc`."""
+    import signal
+
+    for pid in _descendants(proc.pid) + [proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
