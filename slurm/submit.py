@@ -1,12 +1,14 @@
-"""Submit the pre-training as one multi-node SLURM job through Submitit.
+"""Submit the pre-training (or a fine-tuning task) as one multi-node SLURM job through Submitit.
 
     python slurm/submit.py --nodes 8                          # base recipe, 8 nodes x 8 GPUs
+    python slurm/submit.py --task vqa --init /runs/scl-base --nodes 1 task.train=... ...  # fine-tuning
     python slurm/submit.py --nodes 8 --dry-run                # print the sbatch script, submit nothing
     python slurm/submit.py --config tiny --nodes 2 --gpus-per-node 0 train.steps=100   # CPU nodes
     python slurm/submit.py --cluster local --nodes 1 --gpus-per-node 2                 # this machine
 
 One task per GPU. Each task takes its rank, local rank, world size and master (the first node) from
-Submitit's JobEnvironment, exports them and calls `pipeline.pretrain.train` in-process: no deepspeed
+Submitit's JobEnvironment, exports them and calls `pipeline.pretrain.train` (with --task:
+`pipeline.finetune.finetune`) in-process: no deepspeed
 launcher, no ssh. When SLURM signals the job before its time limit (or on preemption), every rank
 saves a checkpoint at the next step boundary, then the job requeues itself (at most --max-requeues
 times) and the requeued job resumes from that checkpoint. Everything stays in the job directory:
@@ -51,7 +53,7 @@ class PretrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         import torch
 
-        from pipeline import distributed, pretrain
+        from pipeline import distributed, finetune, pretrain
 
         job = submitit.JobEnvironment()
         env = distributed.from_submitit(job)
@@ -69,7 +71,8 @@ class PretrainJob(submitit.helpers.Checkpointable):
         sig = job._usr_sig()
         submitit_handler = signal.signal(sig, lambda *_: pretrain.request_checkpoint())
         cfg = load_config(self.config)
-        summary = pretrain.train(cfg)
+        summary = finetune.finetune(cfg) if cfg.task.name else pretrain.train(cfg)
+        summary.pop("metrics", None)  # the report is in <job dir>/metrics.json
         if distributed.is_initialized():
             torch.distributed.destroy_process_group()
         summary.update(rank=env.rank, world_size=env.world_size, node=job.node, requeues=self.requeues)
@@ -107,8 +110,10 @@ def parse_time(text: str) -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="config name or YAML path (default: base; an existing --output-dir "
-                                     "keeps its saved config)")
+    p.add_argument("--config", help="config name or YAML path (default: base, or finetune_<task> with "
+                                     "--task; an existing --output-dir keeps its saved config)")
+    p.add_argument("--task", choices=("vqa", "nlvr2", "retrieval"), help="fine-tune this task (task.name)")
+    p.add_argument("--init", help="fine-tuning: the pre-training run, step_* directory or fp32 file (task.init)")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8, help="0 for CPU nodes")
     p.add_argument("--tasks-per-node", type=int, help="default: one per GPU, 1 on CPU nodes")
@@ -136,6 +141,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def resolve_config(args):
     """(job directory, config): a new job from --config + overrides, or an existing one continued."""
     overrides = list(args.overrides)
+    if args.task:
+        overrides.append(f"task.name={args.task}")
+        args.config = args.config or f"finetune_{args.task}"
+    if args.init:
+        overrides.append(f"task.init={Path(args.init).resolve()}")
     if any(o.split("=", 1)[0].strip() == "train.resume" for o in overrides):
         raise ConfigError("train.resume is always 'auto' for SLURM jobs (they resume from their own "
                           "checkpoints); start from another run's weights with a new job directory instead")
