@@ -214,8 +214,11 @@ class TrainLoader:
     def __iter__(self):
         d = self.cfg.data
         batches = _EpochBatches(self, self.epoch, self.step, self._cursors)
+        # Its own generator: a DataLoader iterator otherwise draws its base seed from the global RNG,
+        # which the checkpoint restores, so a resumed run would draw different ITM negatives and dropout.
+        seed = torch.Generator().manual_seed(derive_seed("dataloader", d.seed, self.epoch, self.rank, self.step))
         loader = DataLoader(batches, batch_size=None, num_workers=d.workers, pin_memory=torch.cuda.is_available(),
-                            prefetch_factor=d.prefetch if d.workers > 0 else None)
+                            prefetch_factor=d.prefetch if d.workers > 0 else None, generator=seed)
         for batch in loader:
             if batch["step"] != self.step:
                 raise RuntimeError(f"data loader out of order: got step {batch['step']}, expected {self.step}")

@@ -109,7 +109,10 @@ class TaskLoader:
         return self.steps_per_epoch
 
     def __iter__(self):
-        data = DataLoader(_EpochBatches(self, self.epoch, self.step), batch_size=None, num_workers=self.workers)
+        # Own generator: the global RNG (restored on resume) must not be drawn from here (see data/loader.py).
+        seed = torch.Generator().manual_seed(derive_seed("dataloader", self.seed, self.epoch, self.rank, self.step))
+        data = DataLoader(_EpochBatches(self, self.epoch, self.step), batch_size=None, num_workers=self.workers,
+                          generator=seed)
         for batch in data:
             if batch["step"] != self.step:
                 raise RuntimeError(f"task loader out of order: got step {batch['step']}, expected {self.step}")
