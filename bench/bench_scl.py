@@ -41,6 +41,8 @@ CONCEPT_ROWS = {  # name -> overrides on tiny
     "grad_clip 1.0": ["train.grad_clip=1.0"],
     "reference init std 0.02": ["model.fusion.init_std=0.02"],
     "hard ITM negatives": ["loss.itm_negatives=hard"],
+    "towers at library init": ["model.scratch_init=library"],
+    "SCL off, towers at library init": ["model.scratch_init=library", "loss.scl_vision=0", "loss.scl_text=0"],
 }
 DATA_ROWS = {"SCL on (defaults)": [], "SCL off": ["loss.scl_vision=0", "loss.scl_text=0"]}
 LOSSES = ("itc", "itm", "mlm", "scl_vision", "scl_text")

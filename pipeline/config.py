@@ -64,6 +64,9 @@ class ModelConfig:
     itc_dim: int = 512
     itc_temp_init: float = 0.07
     mvm_decoder_dim: int = 256  # light MAE decoder, built only when loss.mvm > 0
+    # Towers without pretrained weights: "scaled" = the fusion's rule (std fusion.init_std, 0 = 1/sqrt(width));
+    # "library" = timm's / transformers' own init (std 0.02), whose narrow towers start collapsed.
+    scratch_init: str = "scaled"
 
 
 @dataclass
@@ -321,6 +324,7 @@ def _validate_data(d: DataConfig) -> None:
 def validate(cfg: Config) -> None:
     _choice(cfg.model.vision.attention, ("factorized", "dense"), "model.vision.attention")
     _choice(cfg.loss.itm_negatives, ("hard", "random"), "loss.itm_negatives")
+    _choice(cfg.model.scratch_init, ("scaled", "library"), "model.scratch_init")
     _choice(cfg.loss.schedule, ("fused", "naive"), "loss.schedule")
     _choice(cfg.eval.rerank, ("itc_itm", "itm"), "eval.rerank")
     _choice(cfg.task.name, ("", "vqa", "nlvr2", "retrieval"), "task.name")
@@ -337,6 +341,26 @@ def validate(cfg: Config) -> None:
     for name in ("scl_text_ratio", "scl_patch_ratio", "mlm_prob"):
         if not 0.0 <= getattr(cfg.loss, name) < 1.0:
             raise ConfigError(f"loss.{name} must be in [0, 1)")
+
+
+# Model keys that shape initialisation or training only: a trained model computes the same without them.
+_TRAINING_ONLY = {"pretrained", "pretrained_depth", "drop_path", "dropout", "init_std"}
+
+
+def model_differences(saved: dict, current: dict, prefix: str = "model") -> list[str]:
+    """`model` sections of two configs (dicts) -> the keys whose values differ, each with both
+    values. Weights of another geometry can still load (e.g. another head count), so evaluation and
+    fine-tuning compare the run's section with theirs before trusting a checkpoint."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        if key in _TRAINING_ONLY:
+            continue
+        a, b, name = saved.get(key), current.get(key), f"{prefix}.{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += model_differences(a, b, name)
+        elif a != b:
+            out.append(f"{name}: checkpoint {a!r}, this config {b!r}")
+    return out
 
 
 def to_dict(cfg) -> dict:

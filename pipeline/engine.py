@@ -194,6 +194,20 @@ def initialize(model: nn.Module, cfg: Config, ds_config: dict | None = None):
     return engine
 
 
+def follow_schedule(engine, step: int, base_lrs: list[float]) -> None:
+    """Set the lr of every group to this config's schedule after `step` optimizer steps.
+
+    A loaded checkpoint brings the scheduler state and the group lrs of the run that saved it; a
+    resumed run with another `train.steps`, `train.lr` or warmup must follow the new schedule from
+    its first step. `base_lrs`: the scheduler's base lrs before the checkpoint was loaded.
+    """
+    sched = engine.lr_scheduler
+    sched.base_lrs, sched.last_epoch = list(base_lrs), step
+    for g, base, lam in zip(sched.optimizer.param_groups, base_lrs, sched.lr_lambdas):
+        g["lr"] = base * lam(step)
+    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+
+
 def compute_dtype(engine) -> torch.dtype:
     if engine.bfloat16_enabled():
         return torch.bfloat16

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -22,11 +23,14 @@ if __package__ in (None, ""):  # run as a file path
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+import yaml  # noqa: E402
 
 from pipeline import checkpoint, distributed, retrieval  # noqa: E402
-from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.config import ConfigError, load_config, model_differences, to_dict  # noqa: E402
 from pipeline.data import load_tokenizer  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
+
+log = logging.getLogger("pipeline.evaluate")
 
 
 def find_run_config(ckpt: Path) -> Path:
@@ -37,11 +41,40 @@ def find_run_config(ckpt: Path) -> Path:
     raise ConfigError(f"no config.yaml found beside {ckpt}: pass --config")
 
 
+def saved_run_config(ckpt: Path) -> dict | None:
+    """The config a checkpoint was trained with: the run's config.yaml (a run or step_* directory),
+    or for an fp32 file the `<file>.yaml` that `pipeline.checkpoint` writes beside it (else a
+    config.yaml in its folder). None when none is found."""
+    if ckpt.is_file():
+        candidates = [ckpt.with_suffix(".yaml"), ckpt.parent / "config.yaml"]
+    else:
+        candidates = [d / "config.yaml" for d in (ckpt, ckpt.parent, ckpt.parent.parent)]
+    for path in candidates:
+        if path.is_file():
+            return yaml.safe_load(path.read_text())
+    return None
+
+
+def check_model_section(ckpt, cfg, allowed: tuple[str, ...] = ()) -> None:
+    """Refuse a config whose model section differs from the checkpoint's run (named keys): weights
+    of another geometry can load and give other numbers silently (e.g. another head count).
+    `allowed`: keys that may differ (fine-tuning resamples positions to its `model.vision.image_size`)."""
+    saved = saved_run_config(Path(ckpt))
+    if saved is None or "model" not in saved:
+        log.warning("%s: no config of its run found, so the model section cannot be checked", ckpt)
+        return
+    diffs = [d for d in model_differences(saved["model"], to_dict(cfg)["model"]) if d.split(":")[0] not in allowed]
+    if diffs:
+        raise ConfigError(f"{ckpt} was trained with another model section: " + "; ".join(diffs)
+                          + ". Use the run's config (the default without --config) or set these keys to its values.")
+
+
 def load_model(ckpt: str, cfg, device) -> torch.nn.Module:
     """The model with weights from a consolidated fp32 file or a DeepSpeed checkpoint directory."""
     path = Path(ckpt)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+    check_model_section(path, cfg)
     model = build_model(cfg)
     if path.is_file():
         checkpoint.load_fp32(model, path)
@@ -69,7 +102,7 @@ def main(argv=None) -> dict:
     p.add_argument("--num-samples", type=int)
     p.add_argument("--json", help="also write the metrics here")
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     cfg = load_config(args.config or find_run_config(Path(args.checkpoint)), args.overrides)
     env = distributed.detect()
     if env.world_size > 1:

@@ -29,6 +29,8 @@ from pipeline.config import Config, ConfigError, load_config  # noqa: E402
 from pipeline.data import load_tokenizer  # noqa: E402
 from pipeline.data.tokenizer import check_tokenizer  # noqa: E402
 from pipeline.tasks import get_task  # noqa: E402
+from pipeline.evaluate import check_model_section  # noqa: E402
+from pipeline.preflight import check_model_inputs, require_local_or_hub  # noqa: E402
 from pipeline.tasks.common import TaskLoader, load_pretrained, predict  # noqa: E402
 
 log = logging.getLogger("pipeline.finetune")
@@ -43,6 +45,10 @@ class Runner:
             raise ConfigError("task.name is empty: pass --task vqa|nlvr2|retrieval")
         if cfg.task.init and not Path(cfg.task.init).exists():
             raise ConfigError(f"task.init={cfg.task.init!r}: no such run directory, checkpoint or file")
+        if cfg.task.init:  # fine-tuning resamples positions to its own image size; the rest must match
+            check_model_section(cfg.task.init, cfg, allowed=("model.vision.image_size",))
+        check_model_inputs(cfg)
+        require_local_or_hub(cfg.data.tokenizer, "data.tokenizer", "tokenizer_config.json")
         self.cfg, self.module = cfg, get_task(cfg.task.name)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         check_tokenizer(self.tokenizer, cfg.model.text)
@@ -131,7 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", help="auto | none | a step_* checkpoint directory (train.resume)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. task.train=train.json train.steps=1000")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> dict:

@@ -21,7 +21,7 @@ import logging  # noqa: E402
 
 import torch  # noqa: E402
 
-from pipeline import distributed, retrieval, trainer  # noqa: E402
+from pipeline import distributed, preflight, retrieval, trainer  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.data import build_train_loader  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
@@ -44,6 +44,7 @@ def train(cfg: Config) -> dict:
     Collective: every rank of the launch calls it. Rank and world size come from the launcher's
     environment through `pipeline.distributed`.
     """
+    preflight.check_pretraining_inputs(cfg)  # before any process group or model exists
     return trainer.fit(cfg, lambda: build_model(cfg), lambda rank, world: build_train_loader(cfg, rank, world),
                        _eval_hook(cfg))
 
@@ -55,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # The deepspeed launcher appends --local_rank; the value is read from LOCAL_RANK instead.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=1000")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> dict:

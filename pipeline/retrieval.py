@@ -178,6 +178,8 @@ def evaluate_retrieval(model, samples, tokenizer, cfg, device=None, rerank_k=Non
         metrics["rerank"] = cfg.eval.rerank
     metrics.update({"chance_" + k: v for k, v in chance_recall(txt2img, len(items)).items()})
     metrics.update(n_items=len(items), n_captions=len(captions))
+    # items left out of the score (unreadable media, duplicate keys): reported beside it, never hidden
+    metrics.update({f"skipped/{k}": v for k, v in sorted((getattr(samples, "skipped", None) or {}).items())})
     model.train(was_training)
     return metrics
 
@@ -210,4 +212,6 @@ def format_metrics(m: dict, scores: str | None = None) -> str:
         best = "itc"
     parts = [f"{d} R@{k} {m[f'{best}_{d}_r{k}']:.1f} (chance {m[f'chance_{d}_r{k}']:.1f})"
              for d in ("i2t", "t2i") for k in KS]
-    return f"[{best}] " + ", ".join(parts) + f"; mean {m[f'{best}_r_mean']:.1f} (chance {m['chance_r_mean']:.1f})"
+    skipped = ", ".join(f"{k.split('/', 1)[1]} {v}" for k, v in m.items() if k.startswith("skipped/"))
+    return (f"[{best}] " + ", ".join(parts) + f"; mean {m[f'{best}_r_mean']:.1f} (chance {m['chance_r_mean']:.1f})"
+            + (f"; skipped: {skipped}" if skipped else ""))

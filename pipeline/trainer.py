@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import checkpoint, distributed, engine as engine_lib
+from pipeline import checkpoint, distributed, engine as engine_lib, runtime
 from pipeline.config import Config, dump_config, to_dict
 from pipeline.monitor import Monitor, Window, batch_tokens, console_line, gather_counters
 
@@ -113,6 +113,24 @@ def fit(cfg: Config, make_model, make_loader, evaluate=None, best: tuple[str, st
     tag_dir = checkpoint.resolve(out, tc.resume)
 
     env = engine_lib.init_distributed()
+    runtime.exit_with_launcher()
+    lock = runtime.OutputLock(out)
+    held = None
+    if env.rank == 0:
+        try:
+            lock.acquire()
+        except runtime.RunInProgress as err:
+            held = err
+    if engine_lib.any_rank(held is not None):  # every rank stops, before the model exists
+        raise held or runtime.RunInProgress(f"{out} is in use by a live run (rank 0 says which)")
+    try:
+        return _fit(cfg, env, tag_dir, ds_config, make_model, make_loader, evaluate, best, client_state, finish)
+    finally:
+        lock.release()
+
+
+def _fit(cfg, env, tag_dir, ds_config, make_model, make_loader, evaluate, best, client_state, finish) -> dict:
+    tc, out = cfg.train, Path(cfg.train.output_dir)
     main_rank = env.rank == 0
     seed_everything(tc.seed)  # identical initial weights on every rank
     engine = engine_lib.initialize(make_model(), cfg, ds_config)
@@ -124,8 +142,10 @@ def fit(cfg: Config, make_model, make_loader, evaluate=None, best: tuple[str, st
 
     step, skipped = 0, 0
     if tag_dir is not None:
+        base_lrs = list(engine.lr_scheduler.base_lrs)  # this config's, before the checkpoint's replace them
         state = checkpoint.load(engine, tag_dir)
         step, skipped = state.step, int(state.client_state.get("nonfinite_skipped", 0))
+        engine_lib.follow_schedule(engine, step, base_lrs)
         if state.rank_state is not None:
             loader.load_state_dict(state.rank_state["loader"])
             checkpoint.set_rng_state(state.rank_state["rng"])

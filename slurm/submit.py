@@ -135,7 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "debug: one task in this process")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=1000")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def resolve_config(args):

@@ -133,3 +133,26 @@ def test_real_coco_bookkeeping(tiny, shared_data):
     assert m["chance_t2i_r1"] == pytest.approx(100 / 40)
     assert m["chance_i2t_r1"] == pytest.approx(100 * 5 / n_caps * 1.0, rel=0.05)  # 5 of n_caps are hits
     assert 0 <= m["itc_r_mean"] <= 100
+
+
+def test_skipped_eval_items_are_reported_with_the_score(tiny, tmp_path):
+    import io
+    import json
+
+    from PIL import Image
+    from webdataset import TarWriter
+
+    cfg, tok = tiny
+    with TarWriter(str(tmp_path / "00000.tar")) as sink:
+        for i in range(6):
+            buf = io.BytesIO()
+            Image.new("RGB", (40, 40), (40 * i, 200 - 30 * i, 90)).save(buf, "JPEG")
+            jpg = b"<html>not an image</html>" if i == 2 else buf.getvalue()
+            sink.write({"__key__": f"{i:05d}", "jpg": jpg, "txt": "a red circle"})
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 6}))
+    samples = retrieval.load_eval_set(str(tmp_path / "00000.tar"), "image", cfg)
+    torch.manual_seed(0)
+    m = retrieval.evaluate_retrieval(build_model(cfg), samples, tok, cfg)
+    assert m["n_items"] == 5 and sum(v for k, v in m.items() if k.startswith("skipped/")) == 1, m
+    reason = next(k for k in m if k.startswith("skipped/")).split("/", 1)[1]
+    assert f"; skipped: {reason} 1" in retrieval.format_metrics(m)

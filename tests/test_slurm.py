@@ -185,11 +185,10 @@ def test_signalled_job_requeues_itself_and_resumes_at_the_saved_step(jobs):
     assert len(events) == 2
     after = read_scalars(b_dir, events[1:])["loss/total"]
     assert min(after) == k + 1 and max(after) == STEPS
-    # bf16 rounding lets the two runs drift apart a little, step by step, from there on.
+    # Same world size: every random choice of a step is keyed or restored, so the losses are bit-identical.
     reference = jobs["a_snapshot"]["scalars"]["loss/total"]
-    assert after[k + 1] == pytest.approx(reference[k + 1], rel=1e-4)
-    for step in range(k + 2, STEPS + 1):
-        assert after[step] == pytest.approx(reference[step], rel=5e-3), step
+    for step in range(k + 1, STEPS + 1):
+        assert after[step] == reference[step], step
 
 
 @pytest.mark.slow

@@ -117,7 +117,9 @@ class _EpochBatches(IterableDataset):
         batch = {"pixels": torch.stack(pixels), "text_ids": text["input_ids"].long(),
                  "attention_mask": text["attention_mask"].long()}
         batch.update(self._masks(batch, step, (size // cfg.model.vision.patch_size) ** 2))
+        # itm_seed keys the step's ITM negatives like the masks: a resumed run draws the same ones.
         batch.update(modality=source.modality, source=source.name, keys=keys, step=step,
+                     itm_seed=derive_seed("itm", d.seed, self.epoch, self.rank, step),
                      skipped=skips.drain(), position={"slot": slot, "source": source.name, "cursor": list(cursor)})
         return batch
 

@@ -38,6 +38,8 @@ def init_fusion_weights(module: nn.Module, width: int, std: float = 0.0) -> None
             nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
+            if getattr(m, "padding_idx", None) is not None:
+                nn.init.zeros_(m.weight[m.padding_idx])
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
@@ -69,6 +71,14 @@ class SCLModel(nn.Module):
             init_fusion_weights(m, d, mc.fusion.init_std)
         init_fusion_weights(self.text_proj, self.text.width, mc.fusion.init_std)
         init_fusion_weights(self.vision_proj, self.vision.width, mc.fusion.init_std)
+        # A tower trained from scratch gets the same rule: at std 0.02 (timm's and BERT's) a narrow
+        # tower's CLS output is the same vector for every input (cosine 1.0000 across a batch at
+        # width 64), so ITC starts on a plateau it may never leave (bench/RESULTS.md, tower init).
+        if mc.scratch_init == "scaled":
+            if not mc.vision.pretrained:
+                init_fusion_weights(self.vision, self.vision.width, mc.fusion.init_std)
+            if not mc.text.pretrained:
+                init_fusion_weights(self.text, self.text.width, mc.fusion.init_std)
         # Shape [1], not 0-dim: DeepSpeed broadcasts parameters through a byte view that 0-dim tensors lack.
         self.itc_temp = nn.Parameter(torch.full((1,), mc.itc_temp_init))
 
@@ -110,6 +120,8 @@ class SCLModel(nn.Module):
 
     # ---- losses ----
     def forward(self, batch, generator=None):
+        if generator is None and "itm_seed" in batch:  # the loader keys each step's random choices
+            generator = torch.Generator(device=batch["pixels"].device).manual_seed(int(batch["itm_seed"]))
         if self.loss_cfg.schedule == "naive":
             return self._forward_naive(batch, generator)
         return self._forward_fused(batch, generator)

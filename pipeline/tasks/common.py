@@ -68,7 +68,8 @@ class _EpochBatches(IterableDataset):
                 rng = random.Random(derive_seed("task", ld.seed, self.epoch, ld.rank, pos))
                 samples.append(self._sample(mine[pos], order, rng, skips))
             batch = ld.collate(samples)
-            batch.update(step=step, skipped=skips.drain())
+            batch.update(step=step, skipped=skips.drain(),
+                         itm_seed=derive_seed("itm", ld.seed, self.epoch, ld.rank, step))
             yield batch
 
     def _sample(self, index: int, order: list[int], rng, skips: Skips):

@@ -1,0 +1,84 @@
+"""Checks of a run's inputs before anything expensive starts (process group, DeepSpeed, the model).
+
+Every config-level input is looked at first: the tokenizer (loaded and fitted to the text encoder),
+the training shards (they exist and have sample counts), the eval set, the pretrained weight files,
+the DeepSpeed config. A name that is neither a local path nor in the Hugging Face cache is an error
+at once when the hub cannot be reached, instead of a minute of hub retries after start-up.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pipeline.config import Config, ConfigError
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers (HF_HUB_OFFLINE=1 means no)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _in_hf_cache(name: str, filename: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, filename), str)
+    except Exception:  # an invalid repo id (e.g. a path that does not exist) is simply not cached
+        return False
+
+
+def require_local_or_hub(name: str, what: str, cache_file: str = "config.json") -> None:
+    """`name` (a directory, a file or a hub id) must be loadable: local, cached, or the hub reachable."""
+    if Path(name).exists() or _in_hf_cache(name, cache_file):
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path; hub ids are `name` or `org/name`
+        raise ConfigError(f"{what}={name!r}: no such file or directory")
+    if not hub_reachable():
+        raise ConfigError(f"{what}={name!r}: not found locally (no such directory, not in the Hugging Face "
+                          f"cache) and no hub access; point it at a local copy")
+
+
+def check_pretraining_inputs(cfg: Config) -> None:
+    """Everything `pipeline/pretrain.py` reads from the config, before the process group exists."""
+    from pipeline.data import load_tokenizer
+    from pipeline.data.shards import resolve_source
+    from pipeline.data.tokenizer import check_tokenizer
+
+    check_model_inputs(cfg)
+    require_local_or_hub(cfg.data.tokenizer, "data.tokenizer", "tokenizer_config.json")
+    check_tokenizer(load_tokenizer(cfg.data.tokenizer), cfg.model.text)
+    for i, s in enumerate(cfg.data.sources):
+        resolve_source(s.name or f"source{i}", s.modality, s.weight, s.shards, s.num_samples)
+    if cfg.eval.data and cfg.train.eval_every > 0:
+        check_eval_set(cfg.eval.data, "eval.data")
+
+
+def check_model_inputs(cfg: Config) -> None:
+    """Pretrained weight files of the towers."""
+    v, t = cfg.model.vision, cfg.model.text
+    if v.pretrained not in ("", "hub") and not Path(v.pretrained).is_file():
+        raise ConfigError(f"model.vision.pretrained={v.pretrained!r}: no such file")
+    if v.pretrained == "hub" and not hub_reachable():
+        raise ConfigError(f"model.vision.pretrained=hub ({v.timm_name}): no hub access; "
+                          "download the weights elsewhere and set model.vision.pretrained to the file")
+    if t.pretrained:
+        require_local_or_hub(t.pretrained, "model.text.pretrained")
+
+
+def check_eval_set(data: str, what: str) -> None:
+    """An eval set is shards (brace patterns expanded) or one annotation file: every file must exist."""
+    import braceexpand
+
+    missing = [p for p in braceexpand.braceexpand(data) if not Path(p).exists()]
+    if missing:
+        raise ConfigError(f"{what}={data!r}: {len(missing)} file(s) do not exist: {', '.join(missing[:5])}")

@@ -1,0 +1,84 @@
+"""A run's hold on its output directory and on its launcher.
+
+- `OutputLock`: rank 0 holds an exclusive `flock` on `<output_dir>/.lock` while the run lives, so a
+  second run on the same directory (which would write checkpoints over this one's) refuses to start.
+  The kernel drops the lock when its process dies, however it dies: a killed run never blocks the
+  next one. The file names the holder (host, pid) for the error message.
+- `exit_with_launcher()`: a rank started by torchrun / the deepspeed launcher stops when that
+  launcher dies (kill -9 of the launcher would otherwise leave the ranks training, in sessions of
+  their own, and writing checkpoints beside a restarted run).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("pipeline.runtime")
+
+LOCK = ".lock"
+
+
+class RunInProgress(RuntimeError):
+    pass
+
+
+class OutputLock:
+    def __init__(self, output_dir):
+        self.path = Path(output_dir) / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = self.path.read_text().strip() or "unknown"
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunInProgress(f"{self.path.parent} is in use by a live run ({holder}); stop it, or choose "
+                                    "another train.output_dir") from None
+            # e.g. a file system without flock (some Lustre mounts): warn, never block training
+            log.warning("cannot lock %s (%s): a second run on this directory would not be refused", self.path, err)
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%F %T')}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file stays (its content is informational)
+            self._fd = None
+
+
+_watching = False
+
+
+def exit_with_launcher(poll_s: float = 1.0) -> None:
+    """When launched by torchrun or the deepspeed launcher (LOCAL_RANK / TORCHELASTIC_RUN_ID set),
+    exit as soon as the launcher process is gone (this process is re-parented). Plain `python` runs
+    (nohup, srun) are left alone: their parent may go away legitimately."""
+    global _watching
+    if _watching or not ({"TORCHELASTIC_RUN_ID", "LOCAL_RANK"} & set(os.environ)):
+        return
+    launcher = os.getppid()
+    if launcher == 1:
+        return
+
+    def watch():
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != launcher:
+                sys.stderr.write(f"rank pid {os.getpid()}: its launcher (pid {launcher}) died; stopping\n")
+                sys.stderr.flush()
+                os._exit(1)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+    _watching = True
