@@ -204,6 +204,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, help="default: concept 450, shapes 600, coco 600")
     ap.add_argument("--out", default="runs/bench_scl")
     ap.add_argument("--write", help="replace this benchmark's section of a RESULTS.md")
+    ap.add_argument("--rows", nargs="+", help="concept: only these rows (names as in CONCEPT_ROWS)")
     args = ap.parse_args(argv)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -212,7 +213,12 @@ def main(argv=None):
         results = {}
         if part == "concept":
             steps = args.steps or 450
+            unknown = set(args.rows or ()) - set(CONCEPT_ROWS)
+            if unknown:
+                raise SystemExit(f"--rows: unknown {sorted(unknown)}; known: {list(CONCEPT_ROWS)}")
             for name, overrides in CONCEPT_ROWS.items():
+                if args.rows and name not in args.rows:
+                    continue
                 for seed in args.seeds:
                     r = run_concept(overrides, seed, steps)
                     print(json.dumps({"part": part, "run": name, "seed": seed, **r}), flush=True)
