@@ -44,9 +44,8 @@ def train(cfg: Config) -> dict:
     Collective: every rank of the launch calls it. Rank and world size come from the launcher's
     environment through `pipeline.distributed`.
     """
-    preflight.check_pretraining_inputs(cfg)  # before any process group or model exists
     return trainer.fit(cfg, lambda: build_model(cfg), lambda rank, world: build_train_loader(cfg, rank, world),
-                       _eval_hook(cfg))
+                       _eval_hook(cfg), preflight=lambda: preflight.check_pretraining_inputs(cfg))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

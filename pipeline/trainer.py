@@ -100,17 +100,20 @@ class _Best:
 
 
 def fit(cfg: Config, make_model, make_loader, evaluate=None, best: tuple[str, str] | None = None,
-        client_state: dict | None = None, finish=None) -> dict:
+        client_state: dict | None = None, finish=None, preflight=None) -> dict:
     """Train to `cfg.train.steps` (or until `request_checkpoint()`); returns a summary dict.
 
     `best` = (eval tag, "max" | "min"): the checkpoint of the best evaluation is kept (beside the
     last `train.keep_last`) and named in checkpoints/best.json. `finish(engine, summary)`, called on
     every rank once the run reached `train.steps`, may add to the summary (e.g. test metrics).
+    `preflight()` checks the run's inputs after the config and before any process group exists.
     """
     tc, out = cfg.train, Path(cfg.train.output_dir)
     # Configuration errors surface before any process group or model exists.
     ds_config = engine_lib.ds_config_for(cfg, distributed.detect().world_size)
     tag_dir = checkpoint.resolve(out, tc.resume)
+    if preflight is not None:
+        preflight()
 
     env = engine_lib.init_distributed()
     runtime.exit_with_launcher()
