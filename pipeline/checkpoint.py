@@ -4,17 +4,21 @@ Layout under `<output_dir>/checkpoints/`:
 
     step_00001000/            one DeepSpeed tag (model + ZeRO optimizer shards, client state)
         rank_00000.pt ...     per-rank state: loader position, RNG states
-        complete.json         written last, by rank 0, once every rank has finished writing
+        complete.json         written last, by rank 0, once every rank has finished writing; lists
+                              every file of the tag with its size
     latest                    the newest complete tag, replaced atomically (write + rename)
 
-A crash mid-save leaves a tag without `complete.json` and `latest` still naming the previous one;
-resume ignores such tags and the next save removes them.
+A crash mid-save (or a full disk) leaves a tag without `complete.json` and `latest` still naming the
+previous one; resume ignores such tags and the next save removes them. A complete tag whose files no
+longer match `complete.json` (deleted, truncated) is damaged: `--resume auto` falls back to the newest
+intact tag, an explicit `--resume <dir>` is an error naming the file.
 
     python -m pipeline.checkpoint <output_dir> --out model_fp32.pt     # consolidate for eval/fine-tuning
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -33,6 +37,17 @@ log = logging.getLogger("pipeline.checkpoint")
 
 LATEST = "latest"
 COMPLETE = "complete.json"
+# torch.save reports a failed write (ENOSPC, EDQUOT, EIO) as a RuntimeError without the errno.
+_TORCH_WRITE_FAILED = ("unexpected pos", "file write failed", "iostream error")
+_NEARLY_FULL = 64 * 2**20  # bytes free after a failed write below which the disk counts as full
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint that cannot be resumed from: missing, incomplete or damaged."""
+
+
+class CheckpointWriteError(OSError):
+    """A save that could not write its files (the previous checkpoint and `latest` are untouched)."""
 
 
 def checkpoint_root(output_dir) -> Path:
@@ -98,58 +113,174 @@ def save(engine, output_dir, step: int, client_state: dict, rank_state: dict, ke
     if rank == 0 and tag_dir.exists():  # left over from a save that crashed before completing
         shutil.rmtree(tag_dir)
     distributed.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state=dict(client_state, step=step), save_latest=False)
-    tag_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(rank_state, tag_dir / f"rank_{rank:05d}.pt")
-    distributed.barrier()  # every rank's files are written before the checkpoint is declared complete
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=dict(client_state, step=step), save_latest=False)
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(rank_state, tag_dir / f"rank_{rank:05d}.pt")
+        distributed.barrier()  # every rank's files are written before the checkpoint is declared complete
+        if rank == 0:
+            # complete.json and latest come last: a failure before them leaves the previous checkpoint current.
+            _atomic_write(tag_dir / COMPLETE, json.dumps({"step": step, "world_size": distributed.world_size(),
+                                                          "time": time.time(), "files": file_sizes(tag_dir)}))
+            _atomic_write(root / LATEST, tag)
+    except (OSError, RuntimeError) as err:
+        clear = write_error(err, tag_dir)
+        if clear is None:
+            raise
+        raise clear from err
     if rank == 0:
-        _atomic_write(tag_dir / COMPLETE, json.dumps({"step": step, "world_size": distributed.world_size(),
-                                                      "time": time.time()}))
-        _atomic_write(root / LATEST, tag)
-        prune(root, keep_last, protect)
+        prune(root, keep_last, protect + (tag,))  # the tag just written survives even behind newer ones
     distributed.barrier()
     return tag_dir
 
 
+def write_error(err: BaseException, tag_dir: Path) -> CheckpointWriteError | None:
+    """A clear error for a save that failed writing (full disk, quota), or None for any other error."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        code, path, free = err.errno, err.filename or tag_dir, _free_bytes(tag_dir)
+    elif isinstance(err, RuntimeError) and any(m in str(err) for m in _TORCH_WRITE_FAILED):
+        # No errno to go by: a (nearly) full filesystem after the failure tells a full disk from the rest.
+        free = _free_bytes(tag_dir)
+        code, path = (errno.ENOSPC if free is not None and free < _NEARLY_FULL else None), tag_dir
+    else:
+        return None
+    what = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}.get(
+        code, "write failed (a quota or I/O error?)")
+    room = "unknown space" if free is None else f"{free / 2**20:.1f} MiB"
+    out = CheckpointWriteError(f"{what} while writing {path} ({room} free there; "
+                               f"{tag_dir.parent / LATEST} and the checkpoints before are unchanged): {err}")
+    out.errno = code
+    return out
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Free bytes on `path`'s filesystem (None if that cannot be read: the error being reported wins)."""
+    try:
+        while not path.exists() and path != path.parent:  # disk_usage needs an existing path
+            path = path.parent
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def file_sizes(tag_dir: Path) -> dict[str, int]:
+    """{relative path: bytes} of every file of a tag (hidden temporaries and complete.json excluded).
+
+    Sizes, not checksums: reading every shard back would double the save time, and a deleted or
+    truncated file (the damage a killed copy or a full disk leaves) already shows in its size.
+    """
+    return {p.relative_to(tag_dir).as_posix(): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+            if p.is_file() and p.name != COMPLETE and not p.name.startswith(".")}
+
+
 def prune(root: Path, keep_last: int, protect: tuple[str, ...] = ()) -> None:
-    """Keep the newest `keep_last` complete tags (all if <= 0) and those named in `protect`; drop
-    incomplete ones."""
+    """Keep the newest `keep_last` intact complete tags (all complete ones if <= 0) and those named in
+    `protect`; drop incomplete and damaged ones."""
     tags = sorted((d for d in root.glob("step_*") if d.is_dir()), key=_step_of)
     complete = [d for d in tags if is_complete(d)]
-    keep = set(complete[-keep_last:] if keep_last > 0 else complete) | {d for d in complete if d.name in protect}
+    intact = [d for d in complete if not verify(d)]  # a damaged tag must not take an intact one's place
+    keep = set(intact[-keep_last:] if keep_last > 0 else complete) | {d for d in complete if d.name in protect}
     for d in tags:
         if d not in keep:
             shutil.rmtree(d, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- resume
-def find_latest(output_dir) -> Path | None:
-    """The newest complete tag: the one `latest` names, else the highest complete step."""
-    root = checkpoint_root(output_dir)
+def verify(tag_dir: Path) -> list[str]:
+    """Problems of a complete tag against the file list in its complete.json ([] = intact).
+
+    Read-only (every rank may call it at once). A complete.json without a file list (written before
+    the list existed) cannot be checked and counts as intact.
+    """
+    tag_dir = Path(tag_dir)
+    try:
+        files = json.loads((tag_dir / COMPLETE).read_text()).get("files")
+    except FileNotFoundError:
+        return [f"{tag_dir / COMPLETE} missing (the save did not complete)"]
+    except (OSError, ValueError, AttributeError) as err:
+        return [f"{tag_dir / COMPLETE} unreadable: {err}"]
+    if files is None:
+        log.debug("%s has no file list (written by an older version): not verified", tag_dir / COMPLETE)
+        return []
+    return [p for p in (_file_problem(tag_dir / name, size) for name, size in sorted(files.items())) if p]
+
+
+def _file_problem(path: Path, expected: int) -> str | None:
+    try:
+        actual = path.stat().st_size
+    except FileNotFoundError:
+        return f"{path} missing (expected {expected} bytes)"
+    return None if actual == expected else f"{path} is {actual} bytes, expected {expected}"
+
+
+def _candidates(root: Path) -> list[Path]:
+    """Complete tags, most preferred first: the one `latest` names, then by step, newest first."""
+    complete = sorted((d for d in root.glob("step_*") if d.is_dir() and is_complete(d)), key=_step_of, reverse=True)
     latest = root / LATEST
     if latest.is_file():
         named = root / latest.read_text().strip()
         if is_complete(named):
-            return named
-        log.warning("%s names %s, which is not a complete checkpoint; scanning", latest, named)
-    complete = [d for d in root.glob("step_*") if d.is_dir() and is_complete(d)]
-    return max(complete, key=_step_of) if complete else None
+            return [named] + [d for d in complete if d != named]
+        _warn("%s names %s, which is not a complete checkpoint; scanning", latest, named)
+    return complete
+
+
+def find_latest(output_dir) -> Path | None:
+    """The newest intact complete tag (the one `latest` names, else the highest step), or None.
+
+    A damaged tag (a file deleted or truncated) is skipped with a warning naming its files, so a run
+    resumes from the one before (kept by train.keep_last or as the best checkpoint).
+    """
+    return _first_intact(_candidates(checkpoint_root(output_dir)))
+
+
+def _first_intact(candidates: list[Path]) -> Path | None:
+    for d in candidates:
+        problems = verify(d)
+        if not problems:
+            return d
+        _warn("checkpoint %s is damaged, skipping it: %s", d, "; ".join(problems))
+    return None
 
 
 def resolve(output_dir, resume: str) -> Path | None:
-    """`resume` = "auto" (newest complete in output_dir, or None), "none", or a tag directory."""
+    """`resume` = "auto" (newest intact complete in output_dir, or None), "none", or a tag directory.
+
+    Read-only and deterministic: every rank calls it on the shared filesystem and must get the same tag.
+    """
     if resume == "none":
         return None
+    root = checkpoint_root(output_dir)
     if resume == "auto":
-        return find_latest(output_dir)
+        candidates = _candidates(root)
+        found = _first_intact(candidates)
+        if found is None and candidates:  # never start over silently on top of checkpoints
+            raise CheckpointError(f"every complete checkpoint in {root} is damaged (see the warnings above); "
+                                  f"restore one, or start over with train.resume=none")
+        if found is not None and found != candidates[0]:
+            _warn("resuming from %s, the newest intact checkpoint", found)
+        return found
     tag_dir = Path(resume)
     if not tag_dir.is_dir():
-        raise FileNotFoundError(f"train.resume={resume!r}: no such checkpoint directory "
-                                f"(use 'auto' for the newest checkpoint in {checkpoint_root(output_dir)})")
+        raise CheckpointError(f"train.resume={resume!r}: no such checkpoint directory "
+                              f"(use 'auto' for the newest checkpoint in {root})")
     if not is_complete(tag_dir):
-        raise FileNotFoundError(f"train.resume={resume!r} is not a complete checkpoint "
-                                f"(no {COMPLETE}: the save was interrupted, or it is not a step_* directory)")
+        raise CheckpointError(f"train.resume={resume!r} is not a complete checkpoint "
+                              f"(no {COMPLETE}: the save was interrupted, or it is not a step_* directory)")
+    _check_intact(tag_dir, f"train.resume={resume!r}", f"train.resume=auto picks the newest intact one in {root}")
     return tag_dir
+
+
+def _check_intact(tag_dir: Path, what: str, hint: str) -> None:
+    problems = verify(tag_dir)
+    if problems:
+        raise CheckpointError(f"{what} is a damaged checkpoint: {'; '.join(problems)} ({hint})")
+
+
+def _warn(msg: str, *args) -> None:
+    """Warn once per launch, not once per rank (resolve runs on every rank, before the process group)."""
+    first = distributed.rank() == 0 if distributed.is_initialized() else distributed.detect().rank == 0
+    log.log(logging.WARNING if first else logging.DEBUG, msg, *args)
 
 
 @dataclass
@@ -174,7 +305,8 @@ def load(engine, tag_dir: Path) -> Resumed:
 
 # ---------------------------------------------------------------- fp32 export
 def consolidate(output_dir_or_tag, out_file) -> Path:
-    """One fp32 state dict from a ZeRO checkpoint (DeepSpeed's zero_to_fp32), loadable without DeepSpeed.
+    """One fp32 state dict from a ZeRO checkpoint (DeepSpeed's zero_to_fp32), loadable without DeepSpeed,
+    and the run's config.yaml beside it as `<out_file stem>.yaml`.
 
     Accepts an output directory (its newest complete checkpoint) or a tag directory.
     """
@@ -183,11 +315,16 @@ def consolidate(output_dir_or_tag, out_file) -> Path:
     src = Path(output_dir_or_tag)
     tag_dir = src if is_complete(src) else find_latest(src)
     if tag_dir is None:
-        raise FileNotFoundError(f"no complete checkpoint in {checkpoint_root(src)}")
+        raise CheckpointError(f"no complete checkpoint in {checkpoint_root(src)} (or every one is damaged)")
+    if tag_dir == src:
+        _check_intact(tag_dir, str(src), "pass the run directory for its newest intact checkpoint")
     state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.float().contiguous() for k, v in state.items()}, out)
+    run_config = tag_dir.parent.parent / "config.yaml"
+    if run_config.is_file():  # beside the weights: evaluation checks its model section against it
+        shutil.copyfile(run_config, out.with_suffix(".yaml"))
     return out
 
 

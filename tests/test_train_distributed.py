@@ -195,6 +195,14 @@ def test_zero_to_fp32_output_loads_into_the_model(runs, tmp_path):
 
     out = checkpoint.consolidate(runs["resumed"], tmp_path / "model_fp32.pt")
     cfg = load_config(runs["config"])
+    # the run's config travels with the weights: evaluation refuses another geometry for them
+    from pipeline.config import ConfigError
+    from pipeline.evaluate import check_model_section
+
+    assert out.with_suffix(".yaml").is_file()
+    check_model_section(out, cfg)
+    with pytest.raises(ConfigError, match="model.fusion.heads: checkpoint 2, this config 4"):
+        check_model_section(out, load_config(runs["config"], ["model.fusion.heads=4"]))
     model = checkpoint.load_fp32(build_model(cfg), out)
     # the fp32 master weights round to the bf16 weights DeepSpeed saved with the module
     module = torch.load(runs["resumed"] / "checkpoints" / f"step_{LONG:08d}" / "mp_rank_00_model_states.pt",
