@@ -11,6 +11,7 @@ checkpoints and TensorBoard events.
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -162,7 +163,15 @@ def test_two_node_job_trains_on_both_nodes(jobs):
     assert ranks_saved == {"rank_00000.pt", "rank_00001.pt"}
     loss = snap["scalars"]["loss/total"]
     assert sorted(loss) == list(range(1, STEPS + 1))
-    assert (loss[STEPS - 1] + loss[STEPS]) / 2 < (loss[1] + loss[2]) / 2 - 0.5, loss
+    # Job B ran the same config until its signal: the two multi-node launches computed the same
+    # steps bit for bit. (That this config learns is shown against an lr=0 run on the same batches
+    # in test_train_distributed.py: a batch's loss swings by +-1 around another's, so a 12-step
+    # trend says nothing.)
+    first_b = read_scalars(jobs["b"], sorted((jobs["b"] / "tensorboard").glob("events*"))[:1])["loss/total"]
+    assert len(first_b) >= 2
+    for step, value in first_b.items():
+        assert value == loss[step], step
+    assert all(math.isfinite(v) for v in loss.values())
 
 
 @pytest.mark.slow

@@ -2,8 +2,10 @@
 
 A source's shards are read one by one with webdataset's `gopen` (local paths, file:, http(s),
 `pipe:` commands, ...) and its tar iterator; members are grouped into samples by key here, shard by
-shard, so a truncated tar or a key repeated at a shard boundary costs one sample or one shard's rest,
-never the run. Every such loss is counted per reason (`Skips`) and logged.
+shard, so a truncated tar costs one sample or one shard's rest, never the run. A key read a second
+time at another place of the same source (later in the tar, in another shard) is a duplicate
+(`SeenKeys`, per source and reader). Every such loss is counted once per item and reason (`Skips`)
+and logged.
 
 A stream walks a sequence of shard segments (a pass) in blocks of `block` consecutive samples; each
 block is shuffled with a seed of its own. Its position is a cursor (pass, block, offset), so a
@@ -11,7 +13,7 @@ stream can restart exactly where an earlier one stopped, without re-reading what
 """
 from __future__ import annotations
 
-import hashlib
+import glob
 import json
 import logging
 import os
@@ -52,10 +54,31 @@ class Source:
 # ---- shard lists and sample counts ----
 
 def expand_shards(pattern: str) -> list[str]:
-    """Brace pattern(s) (`a/{00000..00009}.tar`, `::`-separated lists, URLs, pipes) or a local folder."""
+    """Brace pattern(s) (`a/{00000..00009}.tar`, `::`-separated lists, URLs, pipes), a local folder, or
+    local globs (`a/*.tar`, `a/0000?.tar`: sorted; one that matches nothing is an error)."""
     if os.path.isdir(pattern):
         return sorted(str(p) for p in Path(pattern).glob("*.tar"))
-    return expand_urls(pattern)
+    return [url for part in expand_urls(pattern) for url in _glob(part)]
+
+
+def _glob(url: str) -> list[str]:
+    # Only local paths: in a URL `?` starts the query, and pipes are commands.
+    if not (_is_local(url) and not url.startswith("pipe:") and any(c in url for c in "*?")):
+        return [url]
+    found = sorted(glob.glob(_local_path(url)))
+    if not found:
+        raise DataError(f"shard pattern '{url}' matches no file")
+    return found
+
+
+def missing_shards(urls: list[str]) -> list[str]:
+    """The local shards among `urls` that do not exist (remote ones are not checked)."""
+    return [u for u in urls if _is_local(u) and not u.startswith("pipe:") and not os.path.exists(_local_path(u))]
+
+
+def missing_message(what: str, urls: list[str], missing: list[str]) -> str:
+    shown = ", ".join(missing[:5]) + (f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
+    return f"{len(missing)} of {len(urls)} shards of {what} do not exist: {shown}"
 
 
 def _is_local(url: str) -> bool:
@@ -96,10 +119,17 @@ def resolve_source(name: str, modality: str, weight: float, pattern: str, num_sa
     Per-shard counts come from the folder's sizes.json (dataprep's index: shards it leaves out are
     flagged broken and are skipped), else each shard's _stats.json. An explicit `num_samples` is the
     source's size; it is spread evenly over the shards when their own counts are missing or disagree.
+
+    Local shards that do not exist are an error when none exists or one of them has no count of its
+    own (a wrong pattern); listed in sizes.json they are only warned about and read as unreadable, so
+    that every rank keeps the same layout whatever its view of the file system.
     """
     urls = expand_shards(pattern)
     if not urls:
         raise DataError(f"source {name}: '{pattern}' names no shards")
+    missing = missing_shards(urls)
+    if len(missing) == len(urls):
+        raise DataError(missing_message(f"source '{name}'", urls, missing))
     sizes, kept, counts, excluded, unknown = {}, [], [], [], []
     for url in urls:
         folder, base = url.rsplit("/", 1) if "/" in url else (".", url)
@@ -117,9 +147,16 @@ def resolve_source(name: str, modality: str, weight: float, pattern: str, num_sa
             unknown.append(url)
         kept.append(url)
         counts.append(count)
+    gone = set(missing)
+    if gone & set(unknown) or (num_samples > 0 and gone & set(kept)):
+        raise DataError(missing_message(f"source '{name}'", urls, missing))
+    if gone & set(kept):
+        log.warning("source %s: %s; sizes.json lists them: they are skipped as unreadable",
+                    name, missing_message("it", urls, [u for u in missing if u in kept]))
     if excluded:
-        log.warning("source %s: %d shard(s) not listed in sizes.json are skipped (e.g. %s)",
-                    name, len(excluded), excluded[0])
+        log.warning("source %s: %d shard(s) not listed in sizes.json are skipped (e.g. %s)%s",
+                    name, len(excluded), excluded[0],
+                    f"; {len(gone & set(excluded))} of them do not exist" if gone & set(excluded) else "")
     if not kept:
         raise DataError(f"source {name}: none of the {len(urls)} shards of '{pattern}' is listed in sizes.json")
     if num_samples > 0:
@@ -142,14 +179,28 @@ def resolve_source(name: str, modality: str, weight: float, pattern: str, num_sa
 # ---- skipped-sample accounting ----
 
 class Skips:
-    """Counts lost samples per reason and logs them (every one up to `log_limit` per reason)."""
+    """Counts lost samples per reason and logs them (every one up to `log_limit` per reason).
+
+    An `item` (a sample's (url, index), a shard's url) is counted once per reason: a refill or a
+    resampled shard reads bad items again, and the counters report items, not reads. The items
+    counted since the last `drain_items()` let a rank drop those another of its readers counted.
+    """
 
     def __init__(self, where: str = "", log_limit: int = 20):
         self.where, self.log_limit = where, log_limit
         self.pending: Counter = Counter()
         self._logged: Counter = Counter()
+        self._counted: set = set()  # (reason, item): bad items are few, so is this set
+        self._new_items: list = []
 
-    def add(self, reason: str, detail: str, n: int = 1) -> None:
+    def add(self, reason: str, detail: str, n: int = 1, item=None) -> bool:
+        """Count and log a skip; False (neither counted nor logged) when `item` was counted before."""
+        if item is not None:
+            if (reason, item) in self._counted:
+                log.debug("skipped (%s) again: %s", reason, detail)
+                return False
+            self._counted.add((reason, item))
+            self._new_items.append((reason, item))
         self.pending[reason] += n
         self._logged[reason] += 1
         if self._logged[reason] <= self.log_limit:
@@ -163,6 +214,21 @@ class Skips:
         self.pending.clear()
         return out
 
+    def drain_items(self) -> list:
+        out, self._new_items = self._new_items, []
+        return out
+
+
+def count_distinct(counts: dict, items: list, seen: set) -> dict:
+    """`counts` less the `items` (reason, item) already in `seen`: counted by another reader of the rank."""
+    out = Counter(counts)
+    for reason, item in items:
+        if (reason, item) in seen:
+            out[reason] -= 1
+        else:
+            seen.add((reason, item))
+    return {k: v for k, v in out.items() if v > 0}
+
 
 # ---- reading shards ----
 
@@ -172,12 +238,32 @@ class RawSample:
     url: str
     files: dict[str, bytes] = field(default_factory=dict)  # extension -> bytes
     problem: str = ""  # a reason to skip it, found while reading
+    index: int = -1  # its position in the shard (-1: not read from a shard)
+    note: str = ""  # more on the problem, for the log
 
-    def digest(self) -> bytes:
-        h = hashlib.blake2b(digest_size=16)
-        for ext in sorted(self.files):
-            h.update(ext.encode() + b"\0" + self.files[ext])
-        return h.digest()
+    @property
+    def item(self) -> tuple[str, int]:
+        return (self.url, self.index)
+
+    def label(self) -> str:
+        """`<url> #<index> key <key>` (+ the note), for logs."""
+        at = f" #{self.index}" if self.index >= 0 else ""
+        return f"{self.url}{at} key {self.key}" + (f" ({self.note})" if self.note else "")
+
+
+class SeenKeys:
+    """Where each key of one source was first read by one reader; the key read at another place
+    (later in the tar, in another shard) is a duplicate. Reading the same place again (a refill, a
+    resampled shard) is not. Memory: one short key string and its place per sample read.
+    """
+
+    def __init__(self):
+        self._first: dict[str, tuple[str, int]] = {}
+
+    def check(self, s: RawSample) -> None:
+        first = self._first.setdefault(s.key, s.item)
+        if first != s.item and not s.problem:
+            s.problem, s.note = "duplicate_key", f"key already read at {first[0]} #{first[1]}"
 
 
 def _group(url: str, members) -> Iterator[RawSample]:
@@ -213,10 +299,12 @@ def read_shard(url: str, skips: Skips, skip: int = 0, limit: int | None = None) 
             if end is not None and index >= end:
                 break
             if index >= skip:
+                sample.index = index
                 yield sample
             index += 1
     except Exception as err:  # noqa: BLE001 - any reader failure costs this shard only
-        skips.add("unreadable_shard" if stream is None else "truncated_tar", f"{url} after {index} samples: {err}")
+        skips.add("unreadable_shard" if stream is None else "truncated_tar", f"{url} after {index} samples: {err}",
+                  item=url)
         return
     finally:
         if stream is not None:
@@ -225,7 +313,7 @@ def read_shard(url: str, skips: Skips, skip: int = 0, limit: int | None = None) 
             except Exception:  # noqa: BLE001 - a pipe stopped early may complain on close
                 pass
     if end is not None and index < end:
-        skips.add("short_shard", f"{url}: {index} samples, {end} declared")
+        skips.add("short_shard", f"{url}: {index} samples, {end} declared", item=url)
 
 
 # ---- resumable streams ----
@@ -258,20 +346,11 @@ class SampleStream:
         self.source, self.passes, self.block = source, passes, block
         self.seed_parts, self.skips, self.cursor = seed_parts, skips, tuple(cursor)
         self._dead: set[str] = set()  # shards read to their end since the last good sample
-        self._boundary: dict[str, tuple[str, bytes]] = {}  # key -> (url, digest) of shards' first/last samples
+        self._keys = SeenKeys()  # this reader's keys of the source, from its (resumed) start on
         self._counts = dict(zip(source.urls, source.counts))
 
     def mark_good(self) -> None:
         self._dead.clear()
-
-    def _check_boundary(self, s: RawSample) -> None:
-        """Flag a shard-edge sample whose key and content were already seen at another shard's edge."""
-        digest = s.digest()
-        seen = self._boundary.get(s.key)
-        if seen is not None and seen[0] != s.url and seen[1] == digest:
-            s.problem = s.problem or "duplicate_key"
-        else:
-            self._boundary[s.key] = (s.url, digest)
 
     def _positions(self, segments: Iterator[Segment], begin: int):
         """(position in the pass, sample) from position `begin` on; segments before it are not opened.
@@ -284,19 +363,10 @@ class SampleStream:
                 pos += n
                 continue
             skip = max(0, begin - pos)
-            to_end = first + n == self._counts[url]
-            held = None  # one sample held back to know whether it is the shard's last
             for i, s in enumerate(read_shard(url, self.skips, first + skip, n - skip)):
-                if first + skip + i == 0:
-                    self._check_boundary(s)
-                if held is not None:
-                    yield held
-                held = (pos + skip + i, s)
-            if held is not None:
-                if to_end:
-                    self._check_boundary(held[1])
-                yield held
-            if to_end:
+                self._keys.check(s)
+                yield pos + skip + i, s
+            if first + n == self._counts[url]:
                 self._dead.add(url)
             pos += n
             yield pos, None
