@@ -76,9 +76,19 @@ def check_model_inputs(cfg: Config) -> None:
 
 
 def check_eval_set(data: str, what: str) -> None:
-    """An eval set is shards (brace patterns expanded) or one annotation file: every file must exist."""
-    import braceexpand
+    """An eval set is an annotation file, or shards (brace patterns and globs, as the loader expands
+    them): every local file must exist."""
+    from pipeline.data.annotations import ANNOTATION_SUFFIXES
+    from pipeline.data.shards import DataError, expand_shards, missing_shards
 
-    missing = [p for p in braceexpand.braceexpand(data) if not Path(p).exists()]
+    if data.endswith(ANNOTATION_SUFFIXES):
+        if not Path(data).is_file():
+            raise ConfigError(f"{what}={data!r}: no such annotation file")
+        return
+    try:
+        urls = expand_shards(data)
+    except DataError as err:
+        raise ConfigError(f"{what}: {err}") from None
+    missing = missing_shards(urls)
     if missing:
         raise ConfigError(f"{what}={data!r}: {len(missing)} file(s) do not exist: {', '.join(missing[:5])}")

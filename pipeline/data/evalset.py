@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from pipeline.data.samples import BadSample, decode_sample
-from pipeline.data.shards import DataError, Skips, expand_shards, read_shard
+from pipeline.data.shards import DataError, SeenKeys, Skips, expand_shards, missing_message, missing_shards, read_shard
 
 
 class EvalSamples:
-    """Iterable of (key, pixels [T, 3, H, W], captions); bad samples are skipped and counted in `skipped`.
+    """Iterable of (key, pixels [T, 3, H, W], captions); bad samples are skipped and counted in `skipped`,
+    a key read a second time among the shards too ("duplicate_key": the first is kept).
 
     Images: resize + centre crop to data.image_size; videos: data.num_frames frames taken uniformly,
     centre crop to data.video_size. Iterating again gives the same samples in the same order.
@@ -18,13 +19,19 @@ class EvalSamples:
         self.urls = expand_shards(shards)
         if not self.urls:
             raise DataError(f"eval shards '{shards}' name no files")
+        missing = missing_shards(self.urls)
+        if missing:  # a score over part of the set would not compare with other runs
+            raise DataError(missing_message(f"eval set '{shards}'", self.urls, missing))
         self.modality, self.cfg = modality, cfg
         self.num_samples = num_samples if num_samples is not None else (cfg.eval.num_samples or None)
         self.skipped: dict = {}
 
     def raw_samples(self, skips: Skips):
+        keys = SeenKeys()  # one reader reads the whole set: a key met again is never scored twice
         for url in self.urls:
-            yield from read_shard(url, skips)
+            for raw in read_shard(url, skips):
+                keys.check(raw)
+                yield raw
 
     def describe(self) -> str:
         return f"eval shards {self.urls[0]}..."
@@ -40,7 +47,7 @@ class EvalSamples:
             try:
                 pixels, captions = decode_sample(raw, self.modality, size, frames, None, d.crop_scale)
             except BadSample as bad:
-                skips.add(bad.reason, f"{raw.url} key {raw.key}: {bad}")
+                skips.add(bad.reason, f"{raw.label()}: {bad}")
                 continue
             count += 1
             yield raw.key, pixels, captions

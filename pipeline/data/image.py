@@ -60,6 +60,20 @@ def crop_resize(img: Image.Image, box: Box, size: int) -> np.ndarray:
     return x.transpose(2, 0, 1)
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. PIL's own convert clips 16-bit and 32-bit grey (0..65535) at 255, which turns
+    a 16-bit PNG white: those are scaled to 0..255 first. Float grey ("F") is taken as 0..1 when
+    no value exceeds 1, else as 0..255 (PIL's convention)."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        x = np.asarray(img, dtype=np.float32)
+        if img.mode != "F":
+            x = x * (255 / 65535)
+        elif x.size and np.nanmax(x) <= 1:
+            x = x * 255
+        img = Image.fromarray(np.clip(np.nan_to_num(x) + 0.5, 0, 255).astype(np.uint8), "L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def decode_image(data: bytes, size: int, rng: random.Random | None = None,
                  scale: tuple[float, float] = (0.5, 1.0)) -> torch.Tensor:
     """Encoded image -> [3, size, size]; random crop when `rng` is given, else centre crop (eval).
@@ -72,7 +86,6 @@ def decode_image(data: bytes, size: int, rng: random.Random | None = None,
         need = math.ceil(size / math.sqrt(scale[0])) if rng is not None else size
         img.draft("RGB", (need, need))
     img.load()  # the full decode: corrupt data raises here
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    img = to_rgb(img)
     box = random_crop_box(*img.size, scale, rng) if rng is not None else center_crop_box(*img.size)
     return torch.from_numpy(crop_resize(img, box, size))

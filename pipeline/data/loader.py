@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.config import Config, validate
 from pipeline.data.samples import BadSample, decode_sample
 from pipeline.data.schedule import derive_seed, epoch_schedule
-from pipeline.data.shards import DataError, SampleStream, Skips, Source, ranges_to_segments, resolve_source
+from pipeline.data.shards import (DataError, SampleStream, Skips, Source, count_distinct, ranges_to_segments,
+                                  resolve_source)
 from pipeline.data.tokenizer import check_tokenizer, load_tokenizer
 from pipeline.masking import make_masks
 
@@ -107,7 +108,7 @@ class _EpochBatches(IterableDataset):
                     px, caps = decode_sample(raw, source.modality, size, frames, rng, d.crop_scale)
                     break
                 except BadSample as bad:
-                    skips.add(bad.reason, f"{raw.url} key {raw.key}: {bad}")
+                    skips.add(bad.reason, f"{raw.label()}: {bad}", item=raw.item)
             stream.mark_good()
             pixels.append(px)
             captions.append(caps[rng.randrange(len(caps))])
@@ -120,7 +121,8 @@ class _EpochBatches(IterableDataset):
         # itm_seed keys the step's ITM negatives like the masks: a resumed run draws the same ones.
         batch.update(modality=source.modality, source=source.name, keys=keys, step=step,
                      itm_seed=derive_seed("itm", d.seed, self.epoch, self.rank, step),
-                     skipped=skips.drain(), position={"slot": slot, "source": source.name, "cursor": list(cursor)})
+                     skipped=skips.drain(), skipped_items=skips.drain_items(),
+                     position={"slot": slot, "source": source.name, "cursor": list(cursor)})
         return batch
 
     def _masks(self, batch: dict, step: int, num_patches: int) -> dict:
@@ -221,9 +223,11 @@ class TrainLoader:
         seed = torch.Generator().manual_seed(derive_seed("dataloader", d.seed, self.epoch, self.rank, self.step))
         loader = DataLoader(batches, batch_size=None, num_workers=d.workers, pin_memory=torch.cuda.is_available(),
                             prefetch_factor=d.prefetch if d.workers > 0 else None, generator=seed)
+        counted = set()  # (reason, item) this epoch: a bad item read by two slots counts once per rank
         for batch in loader:
             if batch["step"] != self.step:
                 raise RuntimeError(f"data loader out of order: got step {batch['step']}, expected {self.step}")
+            batch["skipped"] = count_distinct(batch["skipped"], batch.pop("skipped_items"), counted)
             self._skipped.update(batch["skipped"])
             pos = batch["position"]
             src = next(i for i, s in enumerate(self.sources) if s.name == pos["source"])

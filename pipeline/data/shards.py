@@ -55,7 +55,8 @@ class Source:
 
 def expand_shards(pattern: str) -> list[str]:
     """Brace pattern(s) (`a/{00000..00009}.tar`, `::`-separated lists, URLs, pipes), a local folder, or
-    local globs (`a/*.tar`, `a/0000?.tar`: sorted; one that matches nothing is an error)."""
+    local globs (`a/*.tar`, `a/0000?.tar`, `a/0000[0-4].tar`: sorted; one that matches nothing is an
+    error; a file whose name holds such characters is taken as it is)."""
     if os.path.isdir(pattern):
         return sorted(str(p) for p in Path(pattern).glob("*.tar"))
     return [url for part in expand_urls(pattern) for url in _glob(part)]
@@ -63,7 +64,7 @@ def expand_shards(pattern: str) -> list[str]:
 
 def _glob(url: str) -> list[str]:
     # Only local paths: in a URL `?` starts the query, and pipes are commands.
-    if not (_is_local(url) and not url.startswith("pipe:") and any(c in url for c in "*?")):
+    if not (_is_local(url) and any(c in url for c in "*?[")) or os.path.exists(_local_path(url)):
         return [url]
     found = sorted(glob.glob(_local_path(url)))
     if not found:
@@ -73,7 +74,7 @@ def _glob(url: str) -> list[str]:
 
 def missing_shards(urls: list[str]) -> list[str]:
     """The local shards among `urls` that do not exist (remote ones are not checked)."""
-    return [u for u in urls if _is_local(u) and not u.startswith("pipe:") and not os.path.exists(_local_path(u))]
+    return [u for u in urls if _is_local(u) and not os.path.exists(_local_path(u))]
 
 
 def missing_message(what: str, urls: list[str], missing: list[str]) -> str:
@@ -148,15 +149,15 @@ def resolve_source(name: str, modality: str, weight: float, pattern: str, num_sa
         kept.append(url)
         counts.append(count)
     gone = set(missing)
-    if gone & set(unknown) or (num_samples > 0 and gone & set(kept)):
+    if gone & set(unknown):
         raise DataError(missing_message(f"source '{name}'", urls, missing))
     if gone & set(kept):
-        log.warning("source %s: %s; sizes.json lists them: they are skipped as unreadable",
-                    name, missing_message("it", urls, [u for u in missing if u in kept]))
+        log.warning("%s (sizes.json lists them: skipped as unreadable)",
+                    missing_message(f"source '{name}'", urls, [u for u in missing if u in gone & set(kept)]))
     if excluded:
         log.warning("source %s: %d shard(s) not listed in sizes.json are skipped (e.g. %s)%s",
                     name, len(excluded), excluded[0],
-                    f"; {len(gone & set(excluded))} of them do not exist" if gone & set(excluded) else "")
+                    f", {len(gone & set(excluded))} of which do not exist" if gone & set(excluded) else "")
     if not kept:
         raise DataError(f"source {name}: none of the {len(urls)} shards of '{pattern}' is listed in sizes.json")
     if num_samples > 0:
@@ -223,10 +224,11 @@ def count_distinct(counts: dict, items: list, seen: set) -> dict:
     """`counts` less the `items` (reason, item) already in `seen`: counted by another reader of the rank."""
     out = Counter(counts)
     for reason, item in items:
-        if (reason, item) in seen:
+        key = (reason, item if isinstance(item, str) else tuple(item))  # older torch pins tuples into lists
+        if key in seen:
             out[reason] -= 1
         else:
-            seen.add((reason, item))
+            seen.add(key)
     return {k: v for k, v in out.items() if v > 0}
 
 
@@ -254,7 +256,7 @@ class RawSample:
 class SeenKeys:
     """Where each key of one source was first read by one reader; the key read at another place
     (later in the tar, in another shard) is a duplicate. Reading the same place again (a refill, a
-    resampled shard) is not. Memory: one short key string and its place per sample read.
+    resampled shard) is not. Memory: a short key string and its place per sample read, ~150 bytes.
     """
 
     def __init__(self):
