@@ -291,16 +291,53 @@ class Resumed:
     rank_state: dict | None  # None when this rank has no file (resumed with more ranks)
 
 
-def load(engine, tag_dir: Path) -> Resumed:
-    """Load model, optimizer, scheduler and client state of `tag_dir` into `engine` (collective)."""
-    path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+def saved_world_size(tag_dir: Path) -> int | None:
+    """The number of ranks that wrote a checkpoint (from its complete.json)."""
+    try:
+        return json.loads((tag_dir / COMPLETE).read_text()).get("world_size")
+    except (OSError, ValueError):
+        return None
+
+
+UNIVERSAL = "universal"  # <output_dir>/checkpoints/universal/<tag>: a tag converted for another world size
+
+
+def to_universal(tag_dir: Path) -> Path:
+    """Convert a ZeRO tag to DeepSpeed's universal checkpoint (per-parameter fp32 weights and optimizer
+    states, independent of the number of ranks), once; returns the converted tag directory.
+    Run on one rank; the others wait at a barrier."""
+    out = tag_dir.parent / UNIVERSAL / tag_dir.name
+    if (out / COMPLETE).is_file():
+        return out
+    import argparse as _argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    shutil.rmtree(out, ignore_errors=True)
+    ds_to_universal(_argparse.Namespace(input_folder=str(tag_dir), output_folder=str(out), num_extract_workers=1,
+                                        num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                        inject_missing_state=True))
+    _atomic_write(out / COMPLETE, json.dumps({"from": str(tag_dir), "time": time.time()}))
+    return out
+
+
+def load(engine, tag_dir: Path, weights_dir: Path | None = None) -> Resumed:
+    """Load model, optimizer, scheduler and client state of `tag_dir` into `engine` (collective).
+    `weights_dir`: the universal conversion of `tag_dir` when the world size changed (the engine
+    was built with `checkpoint.load_universal`); rank files still come from `tag_dir`."""
+    src = weights_dir or tag_dir
+    path, client = engine.load_checkpoint(str(src.parent), tag=src.name)
     if path is None:
         raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
     rank_file = tag_dir / f"rank_{distributed.rank():05d}.pt"
     rank_state = torch.load(rank_file, map_location="cpu", weights_only=False) if rank_file.exists() else None
     if rank_state is None:
-        log.warning("%s missing: this rank restarts its loader from the step count and reseeds", rank_file)
+        log.warning("%s missing: this rank takes rank 0's epoch position and reseeds", rank_file)
     return Resumed(tag_dir, int(client["step"]), client, rank_state)
+
+
+def rank_file_state(tag_dir: Path, rank: int) -> dict:
+    return torch.load(tag_dir / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=False)
 
 
 # ---------------------------------------------------------------- fp32 export

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -112,6 +113,10 @@ def fit(cfg: Config, make_model, make_loader, evaluate=None, best: tuple[str, st
     # Configuration errors surface before any process group or model exists.
     ds_config = engine_lib.ds_config_for(cfg, distributed.detect().world_size)
     tag_dir = checkpoint.resolve(out, tc.resume)
+    saved_world = checkpoint.saved_world_size(tag_dir) if tag_dir is not None else None
+    elastic = saved_world is not None and saved_world != distributed.detect().world_size
+    if elastic:  # ZeRO shards of another world size load only through DeepSpeed's universal format
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
     if preflight is not None:
         preflight()
 
@@ -127,12 +132,22 @@ def fit(cfg: Config, make_model, make_loader, evaluate=None, best: tuple[str, st
     if engine_lib.any_rank(held is not None):  # every rank stops, before the model exists
         raise held or runtime.RunInProgress(f"{out} is in use by a live run (rank 0 says which)")
     try:
-        return _fit(cfg, env, tag_dir, ds_config, make_model, make_loader, evaluate, best, client_state, finish)
+        weights_dir = None
+        if elastic:
+            if env.rank == 0:
+                log.warning("%s was written by %d ranks, this run has %d: converting it to a universal checkpoint",
+                            tag_dir, saved_world, env.world_size)
+                checkpoint.to_universal(tag_dir)
+            distributed.barrier()
+            weights_dir = tag_dir.parent / checkpoint.UNIVERSAL / tag_dir.name
+        return _fit(cfg, env, tag_dir, weights_dir, ds_config, make_model, make_loader, evaluate, best,
+                    client_state, finish)
     finally:
         lock.release()
 
 
-def _fit(cfg, env, tag_dir, ds_config, make_model, make_loader, evaluate, best, client_state, finish) -> dict:
+def _fit(cfg, env, tag_dir, weights_dir, ds_config, make_model, make_loader, evaluate, best, client_state,
+         finish) -> dict:
     tc, out = cfg.train, Path(cfg.train.output_dir)
     main_rank = env.rank == 0
     seed_everything(tc.seed)  # identical initial weights on every rank
@@ -146,14 +161,19 @@ def _fit(cfg, env, tag_dir, ds_config, make_model, make_loader, evaluate, best, 
     step, skipped = 0, 0
     if tag_dir is not None:
         base_lrs = list(engine.lr_scheduler.base_lrs)  # this config's, before the checkpoint's replace them
-        state = checkpoint.load(engine, tag_dir)
+        state = checkpoint.load(engine, tag_dir, weights_dir)
         step, skipped = state.step, int(state.client_state.get("nonfinite_skipped", 0))
         engine_lib.follow_schedule(engine, step, base_lrs)
-        if state.rank_state is not None:
+        if state.rank_state is not None and not weights_dir:
             loader.load_state_dict(state.rank_state["loader"])
             checkpoint.set_rng_state(state.rank_state["rng"])
-        else:
+        else:  # another world size: the epoch position of rank 0, mapped to this layout; fresh seeds
+            loader.load_state_dict(checkpoint.rank_file_state(tag_dir, 0)["loader"])
             seed_everything(tc.seed + env.rank + 1_000_003 * step)
+        if weights_dir is not None:  # the conversion has served; the new world's checkpoints replace it
+            distributed.barrier()
+            if main_rank:
+                shutil.rmtree(weights_dir, ignore_errors=True)
         if main_rank:
             print(f"resumed from {tag_dir} at step {step}", flush=True)
 

@@ -192,13 +192,17 @@ class TrainLoader:
 
     def state_dict(self) -> dict:
         names = [s.name for s in self.sources]
-        return {"epoch": self.epoch, "step_in_epoch": self.step, "rank": self.rank, "layout": self._layout(),
+        return {"epoch": self.epoch, "step_in_epoch": self.step, "steps_per_epoch": self.steps_per_epoch,
+                "rank": self.rank, "layout": self._layout(),
                 "cursors": {str(slot): {names[src]: list(c) for src, c in per.items()}
                             for slot, per in self._cursors.items()},
                 "skipped": dict(self._skipped)}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step = int(state["epoch"]), int(state["step_in_epoch"])
+        saved_steps = int(state.get("steps_per_epoch", self.steps_per_epoch))
+        if saved_steps != self.steps_per_epoch:  # another world size: keep the share of the epoch done
+            self.step = round(self.step * self.steps_per_epoch / saved_steps)
         self._skipped = Counter(state.get("skipped", {}))
         self._cursors = {}
         if self.step >= self.steps_per_epoch:
