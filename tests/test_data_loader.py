@@ -184,10 +184,15 @@ def test_resume_continues_from_saved_position(corpus, tok, sharding, tmp_path):
     assert [list(b["keys"]) for b in head] + [s[4] for s in rest] == [s[4] for s in full]
     assert resumed.epoch == 1 and resumed.step == 0
     assert resumed.counters()["corrupt_image"] >= state["skipped"]["corrupt_image"]
-    # with another rank's state the saved stream positions don't apply, but the step does
+    # another rank's state: the saved stream positions don't apply, the step does; on another world
+    # size the step keeps the share of the epoch done (elastic resume)
+    same_world = build_train_loader(cfg, 0, 1, tok)
+    same_world.load_state_dict(dict(state, rank=1))
+    assert next(iter(same_world))["step"] == 9
     other = build_train_loader(cfg, 1, 2, tok)
     other.load_state_dict(state)
-    assert next(iter(other))["step"] == 9
+    assert other.steps_per_epoch < first.steps_per_epoch
+    assert next(iter(other))["step"] == round(9 * other.steps_per_epoch / first.steps_per_epoch)
 
 
 def test_counts_and_config_errors(tmp_path, tok):

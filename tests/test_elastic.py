@@ -43,3 +43,29 @@ def test_resume_on_fewer_then_more_ranks(tmp_path):
         base = lr[1] / lr_factor(0, tc)
         for s in (first, first + 1):
             assert lr[s] == pytest.approx(base * lr_factor(s - 1, tc), rel=1e-6), s
+
+
+@pytest.mark.slow
+def test_universal_conversion_keeps_weights_and_optimizer_moments(tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from pipeline import checkpoint
+
+    config = write_train_data(tmp_path)
+    run = tmp_path / "run"
+    _launch(2, ["pipeline/pretrain.py", "--config", config, "train.zero_stage=2", f"train.output_dir={run}",
+                "train.steps=2"], tmp_path / "a.log")
+    tag = run / "checkpoints" / "step_00000002"
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+    universal = checkpoint.to_universal(tag)
+    compared = 0
+    for name, weight in fp32.items():
+        folder = universal / "zero" / name
+        if not folder.is_dir():
+            continue
+        saved = torch.load(folder / "fp32.pt", weights_only=False)["param"]
+        assert torch.equal(saved.reshape(weight.shape).float(), weight.float()), name
+        moment = torch.load(folder / "exp_avg_sq.pt", weights_only=False)["param"]
+        assert moment.shape == saved.shape and (moment >= 0).all() and moment.abs().sum() > 0, name
+        compared += 1
+    assert compared == len(fp32)
