@@ -302,11 +302,15 @@ def saved_world_size(tag_dir: Path) -> int | None:
 UNIVERSAL = "universal"  # <output_dir>/checkpoints/universal/<tag>: a tag converted for another world size
 
 
+def universal_dir(tag_dir: Path) -> Path:
+    return tag_dir.parent / UNIVERSAL / tag_dir.name
+
+
 def to_universal(tag_dir: Path) -> Path:
     """Convert a ZeRO tag to DeepSpeed's universal checkpoint (per-parameter fp32 weights and optimizer
     states, independent of the number of ranks), once; returns the converted tag directory.
     Run on one rank; the others wait at a barrier."""
-    out = tag_dir.parent / UNIVERSAL / tag_dir.name
+    out = universal_dir(tag_dir)
     if (out / COMPLETE).is_file():
         return out
     import argparse as _argparse

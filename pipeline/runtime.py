@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -56,6 +57,24 @@ class OutputLock:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock; the file stays (its content is informational)
             self._fd = None
+
+
+@contextlib.contextmanager
+def hold_output_dir(output_dir, is_main: bool, any_rank):
+    """Rank 0 locks `output_dir` for the body; every rank raises RunInProgress when the lock is held
+    elsewhere (`any_rank(flag)`: the collective OR of a flag), before any model is built."""
+    lock, held = OutputLock(output_dir), None
+    if is_main:
+        try:
+            lock.acquire()
+        except RunInProgress as err:
+            held = err
+    if any_rank(held is not None):
+        raise held or RunInProgress(f"{output_dir} is in use by a live run (rank 0 says which)")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 _watching = False

@@ -122,16 +122,7 @@ def fit(cfg: Config, make_model, make_loader, evaluate=None, best: tuple[str, st
 
     env = engine_lib.init_distributed()
     runtime.exit_with_launcher()
-    lock = runtime.OutputLock(out)
-    held = None
-    if env.rank == 0:
-        try:
-            lock.acquire()
-        except runtime.RunInProgress as err:
-            held = err
-    if engine_lib.any_rank(held is not None):  # every rank stops, before the model exists
-        raise held or runtime.RunInProgress(f"{out} is in use by a live run (rank 0 says which)")
-    try:
+    with runtime.hold_output_dir(out, env.rank == 0, engine_lib.any_rank):
         weights_dir = None
         if elastic:
             if env.rank == 0:
@@ -139,11 +130,9 @@ def fit(cfg: Config, make_model, make_loader, evaluate=None, best: tuple[str, st
                             tag_dir, saved_world, env.world_size)
                 checkpoint.to_universal(tag_dir)
             distributed.barrier()
-            weights_dir = tag_dir.parent / checkpoint.UNIVERSAL / tag_dir.name
+            weights_dir = checkpoint.universal_dir(tag_dir)
         return _fit(cfg, env, tag_dir, weights_dir, ds_config, make_model, make_loader, evaluate, best,
                     client_state, finish)
-    finally:
-        lock.release()
 
 
 def _fit(cfg, env, tag_dir, weights_dir, ds_config, make_model, make_loader, evaluate, best, client_state,
