@@ -33,26 +33,28 @@ from pipeline.model import build_model  # noqa: E402
 log = logging.getLogger("pipeline.evaluate")
 
 
-def find_run_config(ckpt: Path) -> Path:
-    """config.yaml of the run a checkpoint belongs to (output_dir, or output_dir/checkpoints/step_*)."""
-    for d in (ckpt, ckpt.parent, ckpt.parent.parent):
-        if (d / "config.yaml").is_file():
-            return d / "config.yaml"
-    raise ConfigError(f"no config.yaml found beside {ckpt}: pass --config")
-
-
-def saved_run_config(ckpt: Path) -> dict | None:
-    """The config a checkpoint was trained with: the run's config.yaml (a run or step_* directory),
-    or for an fp32 file the `<file>.yaml` that `pipeline.checkpoint` writes beside it (else a
-    config.yaml in its folder). None when none is found."""
+def _run_config_path(ckpt: Path) -> Path | None:
+    """config.yaml of the run a checkpoint belongs to: for an fp32 file the `<file>.yaml` that
+    `pipeline.checkpoint` writes beside it, else a config.yaml in its folder; for a run or step_*
+    directory the run's."""
     if ckpt.is_file():
         candidates = [ckpt.with_suffix(".yaml"), ckpt.parent / "config.yaml"]
     else:
         candidates = [d / "config.yaml" for d in (ckpt, ckpt.parent, ckpt.parent.parent)]
-    for path in candidates:
-        if path.is_file():
-            return yaml.safe_load(path.read_text())
-    return None
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def find_run_config(ckpt: Path) -> Path:
+    path = _run_config_path(ckpt)
+    if path is None:
+        raise ConfigError(f"no config.yaml found beside {ckpt}: pass --config")
+    return path
+
+
+def saved_run_config(ckpt: Path) -> dict | None:
+    """The config a checkpoint was trained with (see _run_config_path); None when none is found."""
+    path = _run_config_path(ckpt)
+    return yaml.safe_load(path.read_text()) if path is not None else None
 
 
 def check_model_section(ckpt, cfg, allowed: tuple[str, ...] = ()) -> None:
