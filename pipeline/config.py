@@ -129,6 +129,9 @@ class TrainConfig:
     decay: str = "linear"  # "linear" or "cosine"
     min_lr_ratio: float = 0.0
     grad_accum: int = 1
+    # ITC and SCL negatives across all grad_accum micro-batches of a step (pipeline/gradcache.py):
+    # the gradient of one step on the whole batch, for one extra no-grad contrastive forward.
+    contrastive_accum: bool = False
     grad_clip: float = 0.0  # global-norm clipping; 0 = off (the reference does not clip)
     precision: str = "bf16"  # "bf16", "fp16" or "fp32"
     zero_stage: int = 2
@@ -338,6 +341,11 @@ def validate(cfg: Config) -> None:
     if not 0 < cfg.data.num_frames <= cfg.model.vision.max_frames:
         raise ConfigError(f"data.num_frames={cfg.data.num_frames} must be in 1..model.vision.max_frames"
                           f"={cfg.model.vision.max_frames}")
+    if cfg.train.contrastive_accum:
+        if cfg.loss.schedule != "fused":
+            raise ConfigError("train.contrastive_accum needs loss.schedule=fused")
+        if not any(getattr(cfg.loss, k) > 0 for k in ("itc", "scl_vision", "scl_text")):
+            raise ConfigError("train.contrastive_accum=true but loss.itc, loss.scl_vision and loss.scl_text are all 0")
     for name in ("scl_text_ratio", "scl_patch_ratio", "mlm_prob"):
         if not 0.0 <= getattr(cfg.loss, name) < 1.0:
             raise ConfigError(f"loss.{name} must be in [0, 1)")

@@ -10,15 +10,15 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from pipeline import distributed
+from pipeline import distributed, gradcache
 from pipeline.config import Config, ConfigError
+from pipeline.gradcache import StepResult
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
@@ -253,12 +253,6 @@ class NonFiniteGuard:
         return self.in_a_row >= self.limit
 
 
-@dataclass
-class StepResult:
-    losses: dict  # name -> detached scalar tensor (this rank); empty when skipped
-    applied: bool  # False: the loss was non-finite on some rank and the micro-batch was dropped
-
-
 def train_micro_step(engine, batch: dict) -> StepResult:
     """forward -> (all ranks agree the loss is finite) -> backward -> step.
 
@@ -273,3 +267,13 @@ def train_micro_step(engine, batch: dict) -> StepResult:
     engine.backward(loss)
     engine.step()
     return StepResult({k: v.detach().float().mean() for k, v in out.items()}, True)
+
+
+def train_group_step(engine, batches: list[dict], loss_cfg) -> StepResult:
+    """All `grad_accum` micro-batches of one optimizer step with contrastive accumulation
+    (pipeline/gradcache.py): ITC and SCL see every micro-batch of every rank as negatives."""
+    def backward(loss):
+        engine.backward(loss)
+        engine.step()
+
+    return gradcache.accumulate(engine, backward, batches, loss_cfg, any_rank)

@@ -43,6 +43,8 @@ class Runner:
     def __init__(self, cfg: Config):
         if not cfg.task.name:
             raise ConfigError("task.name is empty: pass --task vqa|nlvr2|retrieval")
+        if cfg.train.contrastive_accum:
+            raise ConfigError("train.contrastive_accum applies to pre-training only")
         if cfg.task.init and not Path(cfg.task.init).exists():
             raise ConfigError(f"task.init={cfg.task.init!r}: no such run directory, checkpoint or file")
         if cfg.task.init:  # fine-tuning resamples positions to its own image size; the rest must match

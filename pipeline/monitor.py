@@ -5,6 +5,7 @@ TensorBoard tags (under `<output_dir>/tensorboard`):
     loss/total, loss/<term>        global mean over the window's steps and all ranks
     lr/<group>                     learning rate of each AdamW group at the logged step
     train/grad_norm, train/loss_scale (fp16), train/nonfinite_skipped
+    train/cache_drift              contrastive accumulation: largest first- vs second-pass feature gap
     temperature/itc, temperature/scl
     throughput/samples_per_s, throughput/tokens_per_s   global (all ranks); tokens = text tokens
                                    (non-padding) + vision tokens (frames x (1 + patches))
@@ -70,9 +71,11 @@ class Window:
         world = distributed.world_size()
         sums, (applied, samples, tokens, data_s, compute_s, wall_sum) = flat[:len(names)], flat[len(names):].tolist()
         out = {f"loss/{'total' if k == 'loss' else k}": (sums[i] / max(applied, 1)).item()
-               for i, k in enumerate(names) if k != "itc_temperature"}
+               for i, k in enumerate(names) if k not in ("itc_temperature", "cache_drift")}
         if "itc_temperature" in names:
             out["temperature/itc"] = (sums[names.index("itc_temperature")] / max(applied, 1)).item()
+        if "cache_drift" in names:
+            out["train/cache_drift"] = (sums[names.index("cache_drift")] / max(applied, 1)).item()
         wall = wall_sum / world
         steps = max(self.steps, 1)
         out.update({"throughput/samples_per_s": samples / wall, "throughput/tokens_per_s": tokens / wall,

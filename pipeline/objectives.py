@@ -1,6 +1,7 @@
 """Pre-training losses as pure functions of tensors (no model, no I/O), each testable on its formula.
 
     contrastive_loss  symmetric InfoNCE, both directions summed (ITC and SCL)
+    contrastive_terms ITC and both SCL terms over the features of one or more micro-batches
     itm_loss          binary image-text matching cross-entropy
     mlm_loss          masked language modeling cross-entropy on masked positions only
     mvm_loss          MAE-style regression of normalised pixels on dropped patches
@@ -34,6 +35,39 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature, gather: bool
     labels = torch.arange(q.shape[0], device=q.device) + offset
     return (F.cross_entropy(q @ k_all.t() / temperature, labels)
             + F.cross_entropy(k @ q_all.t() / temperature, labels))
+
+
+TERMS = ("itc", "itm", "mlm", "scl_vision", "scl_text", "mvm")  # the weighted losses (LossConfig)
+CONTRASTIVE = ("itc", "scl_vision", "scl_text")  # the terms whose negatives are other rows of the batch
+
+
+def contrastive_terms(features: list[dict], weights, scl_temperature: float, gather: bool = True) -> dict:
+    """ITC and SCL losses (unweighted) for every term of `CONTRASTIVE` with a weight > 0 in `weights`.
+
+    `features` holds one dict per micro-batch (the model's `contrastive_features`): `itc_vision`,
+    `itc_text` [B, D]; `scl_vision_q`, `scl_vision_k` [B, T, D] (masked image's fused frame CLS and
+    its target); `scl_text_q`, `scl_text_k` [B, D]; `temperature` (ITC). The rows of all the
+    micro-batches are negatives of each other (contrastive accumulation); one dict is one batch.
+    SCL vision compares each frame with the same frame of the other rows, so micro-batches of
+    another frame count (images beside videos) form their own group, weighted by its rows.
+    """
+    cat = lambda key: torch.cat([f[key] for f in features])  # noqa: E731
+    out = {}
+    if weights.itc > 0:
+        out["itc"] = contrastive_loss(cat("itc_vision"), cat("itc_text"), features[0]["temperature"], gather)
+    if weights.scl_vision > 0:
+        groups: dict[int, list[dict]] = {}
+        for f in features:
+            groups.setdefault(f["scl_vision_q"].shape[1], []).append(f)
+        total, rows = 0.0, 0
+        for frames, group in groups.items():
+            q, k = (torch.cat([f[key] for f in group]) for key in ("scl_vision_q", "scl_vision_k"))
+            loss = sum(contrastive_loss(q[:, i], k[:, i], scl_temperature, gather) for i in range(frames)) / frames
+            total, rows = total + loss * q.shape[0], rows + q.shape[0]
+        out["scl_vision"] = total / rows
+    if weights.scl_text > 0:
+        out["scl_text"] = contrastive_loss(cat("scl_text_q"), cat("scl_text_k"), scl_temperature, gather)
+    return out
 
 
 def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -92,9 +92,10 @@ class ConceptTask:
 def train_concepts(cfg, steps: int, batch_size: int = 32, seed: int = 0, task_seed: int = 1234,
                    log_every: int = 0):
     """Train `build_model(cfg)` on ConceptTask with the trainer's parameter groups, AdamW, LR
-    schedule and clipping rule, in one process (no DeepSpeed). Returns (model, task, history),
+    schedule, clipping rule and accumulation (`train.grad_accum` micro-batches of `batch_size`,
+    with `train.contrastive_accum`), in one process (no DeepSpeed). Returns (model, task, history),
     history a list of per-step {loss name: value}."""
-    from pipeline import engine
+    from pipeline import engine, gradcache
     from pipeline.model import build_model
 
     tc = cfg.train
@@ -104,16 +105,25 @@ def train_concepts(cfg, steps: int, batch_size: int = 32, seed: int = 0, task_se
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: engine.lr_factor(s, tc))
     task = ConceptTask(cfg, seed=task_seed)
     g = torch.Generator().manual_seed(seed + 1)
+    forward = lambda batch, **kw: model(batch, generator=g, **kw)  # noqa: E731
+    backward = lambda loss: (loss / tc.grad_accum).backward()  # noqa: E731  (as DeepSpeed scales it)
     history = []
     for step in range(steps):
-        out = model(task.batch(batch_size, g), generator=g)
+        batches = [task.batch(batch_size, g) for _ in range(tc.grad_accum)]
         opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        if tc.contrastive_accum and tc.grad_accum > 1:
+            losses = gradcache.accumulate(forward, backward, batches, cfg.loss, bool).losses
+        else:
+            outs = []
+            for batch in batches:
+                outs.append(forward(batch))
+                backward(outs[-1]["loss"])
+            losses = {k: torch.stack([o[k].detach() for o in outs]).mean() for k in outs[0]}
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         sched.step()
-        history.append({k: float(v.detach()) for k, v in out.items()})
+        history.append({k: float(v) for k, v in losses.items()})
         if log_every and (step + 1) % log_every == 0:
             print(step + 1, " ".join(f"{k} {v:.3f}" for k, v in history[-1].items()), flush=True)
     return model, task, history

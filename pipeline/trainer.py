@@ -180,6 +180,8 @@ def _fit(cfg, env, tag_dir, weights_dir, ds_config, make_model, make_loader, eva
     dtype = engine_lib.compute_dtype(engine)
     patch = cfg.model.vision.patch_size
     batches = _batches(loader)
+    # Contrastive accumulation takes a step's micro-batches together (pipeline/gradcache.py).
+    group_size = tc.grad_accum if tc.contrastive_accum else 1
     saved_at, stopped_early = step if tag_dir is not None else -1, False
     try:
         while step < tc.steps:
@@ -187,17 +189,25 @@ def _fit(cfg, env, tag_dir, weights_dir, ds_config, make_model, make_loader, eva
             t_step, data_s, applied = time.perf_counter(), 0.0, 0
             while applied < tc.grad_accum:  # one optimizer step = grad_accum finite micro-batches
                 t = time.perf_counter()
-                batch = next(batches)
+                group = [next(batches) for _ in range(group_size)]
                 data_s += time.perf_counter() - t
-                window.add_batch(batch["pixels"].shape[0], batch_tokens(batch, patch))
-                result = engine_lib.train_micro_step(engine, engine_lib.to_device(batch, engine.device, dtype))
+                for batch in group:
+                    window.add_batch(batch["pixels"].shape[0], batch_tokens(batch, patch))
+                group = [engine_lib.to_device(b, engine.device, dtype) for b in group]
+                result = (engine_lib.train_group_step(engine, group, cfg.loss) if group_size > 1
+                          else engine_lib.train_micro_step(engine, group[0]))
                 if result.applied:
                     guard.passed()
-                    applied += 1
+                    applied += group_size
                     window.add_losses(result.losses)
+                    if result.partial:
+                        guard.total += result.partial
+                        monitor.print(f"step {step + 1}: non-finite ITM/MLM/MVM loss in {result.partial} "
+                                      f"micro-batch(es) of the cached step: their contrastive gradient alone was "
+                                      f"applied ({guard.total} non-finite in total)")
                     continue
                 stop_run = guard.dropped()
-                monitor.print(f"step {step + 1}: non-finite loss, batch skipped "
+                monitor.print(f"step {step + 1}: non-finite loss, {'step' if group_size > 1 else 'batch'} skipped "
                               f"({guard.in_a_row} in a row, {guard.total} in total)")
                 if stop_run:
                     raise engine_lib.NonFiniteLoss(

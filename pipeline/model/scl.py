@@ -8,8 +8,9 @@ A batch holds
     patch_keep [B, K]               visible patches for masked vision (same in every frame)
 
 Fused schedule (default): each unimodal encoding is computed once (intact / masked image, intact /
-MLM / SCL text); every fusion pass that uses the intact image runs as one concatenated batch. The naive schedule re-encodes
-for every objective (as the reference code does) and exists to check and measure the fused one.
+MLM / SCL text). The contrastive part comes first (ITC features, the two SCL fusion passes), then the
+ITM and MLM fusion passes of the intact image run as one concatenated batch. The naive schedule
+re-encodes for every objective (as the reference code does) and exists to check the fused one.
 """
 from __future__ import annotations
 
@@ -119,20 +120,27 @@ class SCLModel(nn.Module):
         return [dict(zip(out, vals)) for vals in zip(*(v.split(sizes) for v in out.values()))]
 
     # ---- losses ----
-    def forward(self, batch, generator=None):
+    def forward(self, batch, generator=None, features_only=False, cached=None):
+        """The losses of one batch; `loss` is their weighted sum.
+
+        Contrastive accumulation (pipeline/gradcache.py) runs each micro-batch twice:
+        `features_only=True` returns `contrastive_features` and does no other work; `cached` (a
+        `gradcache.Cached`) then stands in for the ITC and SCL losses with the surrogate that carries
+        their gradient over the whole accumulated batch.
+        """
         if generator is None and "itm_seed" in batch:  # the loader keys each step's random choices
             generator = torch.Generator(device=batch["pixels"].device).manual_seed(int(batch["itm_seed"]))
         if self.loss_cfg.schedule == "naive":
+            if features_only or cached is not None:
+                raise ValueError("contrastive accumulation needs loss.schedule=fused")
             return self._forward_naive(batch, generator)
-        return self._forward_fused(batch, generator)
+        return self._forward_fused(batch, generator, features_only, cached)
 
     def _want(self, name):
         return getattr(self.loss_cfg, name) > 0
 
-    def _itc(self, v_tok, t_tok, losses):
-        """ITC loss into `losses`; returns the [B, B] cosine similarity (no grad) for ITM negatives."""
-        vf, tf = self.itc_features(v_tok, t_tok)
-        losses["itc"] = obj.contrastive_loss(vf, tf, self.temperature(), gather=True)
+    def _itc_similarity(self, vf, tf):
+        """[B, B] cosine similarity of the ITC features (no grad), for ITM negatives."""
         with torch.no_grad():
             return nn.functional.normalize(vf.float(), dim=-1) @ nn.functional.normalize(tf.float(), dim=-1).t()
 
@@ -150,24 +158,19 @@ class SCLModel(nn.Module):
         sel = labels != obj.IGNORE_INDEX
         return obj.mlm_loss(self.mlm_head(fused["text"][sel]), labels[sel])
 
-    def _scl_losses(self, masked_v, masked_t, losses):
+    def _scl_features(self, masked_v, masked_t):
         """SCL (the paper's pairing): the masked modality's raw fused global token recovers the
         intact modality's from the *other* pass, where the intact modality met the masked partner.
 
-            vision: masked image + intact text  ->  intact image + masked text  (per frame, averaged)
+            vision: masked image + intact text  ->  intact image + masked text  (per frame)
             text:   intact image + masked text  ->  masked image + intact text
 
         A target from a pass with the same intact partner would let the query copy that partner
         (the text alone would identify the image); here the partner is masked on the other side.
+        Targets are detached (stop-gradient).
         """
-        temp = self.loss_cfg.scl_temperature
-        if self._want("scl_vision"):
-            q, k = masked_v["frame_cls"], masked_t["frame_cls"].detach()
-            losses["scl_vision"] = sum(obj.contrastive_loss(q[:, f], k[:, f], temp, gather=True)
-                                       for f in range(q.shape[1])) / q.shape[1]
-        if self._want("scl_text"):
-            losses["scl_text"] = obj.contrastive_loss(masked_t["text_cls"], masked_v["text_cls"].detach(), temp,
-                                                      gather=True)
+        return {"scl_vision_q": masked_v["frame_cls"], "scl_vision_k": masked_t["frame_cls"].detach(),
+                "scl_text_q": masked_t["text_cls"], "scl_text_k": masked_v["text_cls"].detach()}
 
     def _mvm_loss(self, pixels, v_masked, keep):
         grid = (pixels.shape[-2] // self.vision.patch_size, pixels.shape[-1] // self.vision.patch_size)
@@ -179,66 +182,84 @@ class SCLModel(nn.Module):
         return obj.mvm_loss(pred.transpose(1, 2)[dropped], target.transpose(1, 2)[dropped])
 
     def _total(self, losses):
-        losses["loss"] = sum(getattr(self.loss_cfg, k) * v for k, v in list(losses.items()))
+        total = sum(getattr(self.loss_cfg, k) * losses[k] for k in obj.TERMS if k in losses)
+        if "contrastive_surrogate" in losses:  # already weighted (gradcache)
+            total = total + losses["contrastive_surrogate"]
+        losses["loss"] = total
         losses["itc_temperature"] = self.temperature().detach()
         return losses
 
     def _want_scl(self):
         return self._want("scl_vision") or self._want("scl_text")
 
-    def _forward_fused(self, batch, generator):
+    def contrastive_features(self, batch, v, t):
+        """Everything the ITC and SCL losses read (see `objectives.contrastive_terms`), computed
+        before any other work of the step and always in this order, so that a second forward from
+        the same RNG state reproduces it. Returns (features, masked vision tokens or None)."""
+        mask = batch["attention_mask"]
+        feats = {"temperature": self.temperature()}
+        if self._want("itc") or self._want("itm"):
+            feats["itc_vision"], feats["itc_text"] = self.itc_features(v, t)
+        v_m = None
+        if self._want_scl():
+            v_m = self.encode_vision(batch["pixels"], batch["patch_keep"])
+            masked_v = self.fuse(t, mask, v_m)
+            masked_t = self.fuse(self.encode_text(batch["scl_ids"], mask), mask, v)
+            feats.update(self._scl_features(masked_v, masked_t))
+        return feats, v_m
+
+    def _forward_fused(self, batch, generator, features_only=False, cached=None):
         pixels, mask = batch["pixels"], batch["attention_mask"]
         v = self.encode_vision(pixels)
         t = self.encode_text(batch["text_ids"], mask)
-        losses = {}
-        sim = self._itc(v, t, losses) if self._want("itc") or self._want("itm") else None
-        if not self._want("itc"):
-            losses.pop("itc", None)
+        feats, v_m = self.contrastive_features(batch, v, t)
+        if features_only:
+            return feats
+        if cached is None:
+            losses = obj.contrastive_terms([feats], self.loss_cfg, self.loss_cfg.scl_temperature)
+        else:
+            surrogate, drift = cached.surrogate(feats)
+            losses = {"contrastive_surrogate": surrogate, "cache_drift": drift}
 
+        # Every other fusion pass of the intact image runs as one concatenated batch.
         pairs, names = [], []
         if self._want("itm"):
-            neg_t, neg_v = self._itm_negatives(sim, generator)
+            neg_t, neg_v = self._itm_negatives(self._itc_similarity(feats["itc_vision"], feats["itc_text"]),
+                                               generator)
             pairs += [(t, mask, v), (t[neg_t], mask[neg_t], v), (t, mask, v[neg_v])]
             names += ["clean", "neg_t", "neg_v"]
         if self._want("mlm"):
             pairs.append((self.encode_text(batch["mlm_ids"], mask), mask, v)), names.append("mlm")
-        if self._want_scl():
-            pairs.append((self.encode_text(batch["scl_ids"], mask), mask, v)), names.append("scl_t")
         fused = dict(zip(names, self._fuse_many(pairs))) if pairs else {}
-        if self._want_scl() or self._want("mvm"):
-            v_m = self.encode_vision(pixels, batch["patch_keep"])
-        if self._want_scl():
-            fused["scl_v"] = self.fuse(t, mask, v_m)
-
         if self._want("itm"):
             losses["itm"] = self._itm_loss(fused["clean"], fused["neg_t"], fused["neg_v"])
         if self._want("mlm"):
             losses["mlm"] = self._mlm_loss(fused["mlm"], batch["mlm_labels"])
-        if self._want_scl():
-            self._scl_losses(fused["scl_v"], fused["scl_t"], losses)
         if self._want("mvm"):
+            v_m = v_m if v_m is not None else self.encode_vision(pixels, batch["patch_keep"])
             losses["mvm"] = self._mvm_loss(pixels, v_m, batch["patch_keep"])
         return self._total(losses)
 
     def _forward_naive(self, batch, generator):
         """One full forward per objective, re-encoding every time (the reference's schedule)."""
         pixels, mask = batch["pixels"], batch["attention_mask"]
-        enc_v = lambda keep=None: self.encode_vision(pixels, keep)
-        enc_t = lambda key="text_ids": self.encode_text(batch[key], mask)
-        losses = {}
-        sim = self._itc(enc_v(), enc_t(), losses) if self._want("itc") or self._want("itm") else None
-        if not self._want("itc"):
-            losses.pop("itc", None)
+        enc_v = lambda keep=None: self.encode_vision(pixels, keep)  # noqa: E731
+        enc_t = lambda key="text_ids": self.encode_text(batch[key], mask)  # noqa: E731
+        feats = {"temperature": self.temperature()}
+        if self._want("itc") or self._want("itm"):
+            feats["itc_vision"], feats["itc_text"] = self.itc_features(enc_v(), enc_t())
+        if self._want_scl():
+            feats.update(self._scl_features(self.fuse(enc_t(), mask, enc_v(batch["patch_keep"])),
+                                            self.fuse(enc_t("scl_ids"), mask, enc_v())))
+        losses = obj.contrastive_terms([feats], self.loss_cfg, self.loss_cfg.scl_temperature)
         if self._want("itm"):
-            neg_t, neg_v = self._itm_negatives(sim, generator)
+            neg_t, neg_v = self._itm_negatives(self._itc_similarity(feats["itc_vision"], feats["itc_text"]),
+                                               generator)
             t, v = enc_t(), enc_v()
             losses["itm"] = self._itm_loss(self.fuse(t, mask, v), self.fuse(t[neg_t], mask[neg_t], v),
                                            self.fuse(t, mask, v[neg_v]))
         if self._want("mlm"):
             losses["mlm"] = self._mlm_loss(self.fuse(enc_t("mlm_ids"), mask, enc_v()), batch["mlm_labels"])
-        if self._want_scl():
-            self._scl_losses(self.fuse(enc_t(), mask, enc_v(batch["patch_keep"])),
-                             self.fuse(enc_t("scl_ids"), mask, enc_v()), losses)
         if self._want("mvm"):
             keep = batch["patch_keep"]
             losses["mvm"] = self._mvm_loss(pixels, enc_v(keep), keep)
