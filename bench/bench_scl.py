@@ -243,11 +243,11 @@ def main(argv=None):
         write_section(Path(args.write), args.parts, text)
 
 
-def write_section(path: Path, parts, text: str) -> None:
-    """Replace (or add) the `<!-- bench_scl:PART -->` blocks of RESULTS.md."""
+def write_section(path: Path, parts, text: str, name: str = "bench_scl") -> None:
+    """Replace (or add) the `<!-- NAME:PART -->` blocks of RESULTS.md."""
     content = path.read_text() if path.exists() else "# Benchmark results\n"
     key = "+".join(parts)
-    start, end = f"<!-- bench_scl:{key} -->", f"<!-- /bench_scl:{key} -->"
+    start, end = f"<!-- {name}:{key} -->", f"<!-- /{name}:{key} -->"
     block = f"{start}\n{text}\n{end}"
     if start in content:
         head, rest = content.split(start, 1)

@@ -4,6 +4,7 @@
 #   2. bench_engine.py --parts memory: ZeRO 0-3 max_memory_allocated
 #   3. bench_sdpa.py: which attention kernel the vision tower and the fusion run (images, 4-frame videos)
 #   4. bench_loader.py: loader samples/s per worker on this machine's cores
+#   5. bench_accum.py speed, base: contrastive vs plain accumulation (step time, max_memory_allocated)
 #
 #   bash bench/gpu_check.sh [OUT_DIR]          # on the GPU machine (~6-8 min on an H100/H200)
 #   bash bench/gpu_check.sh OUT_DIR --smoke    # the same steps, tiny and short, on a CPU
@@ -20,9 +21,11 @@ if [ "$SMOKE" = "--smoke" ]; then
   export DS_ACCELERATOR=cpu
   MFU="--tiny --steps 2 --warmup 1 --batch-size 4"; SDPA="--tiny --batch-size 2"; MEM="--steps 1 --batch-size 2"
   LOADER="--images 16 --videos 16 --sizes 64 --repeats 1"; LIMIT=300
+  ACCUM="--accum 2 --batch-size 2 --steps 1 --order plain,cached"
 else
   MFU="--steps 60 --warmup 15 --batch-size 32"; SDPA="--batch-size 8"; MEM="--steps 3 --batch-size 8"
   LOADER="--images 128 --videos 16 --sizes 224 --repeats 1"; LIMIT=150
+  ACCUM="--config base --accum 4 --batch-size 16 --steps 4 --order plain,cached"
 fi
 RUN1=(python -m torch.distributed.run --nproc_per_node 1 --master_addr 127.0.0.1 --master_port $((29500 + RANDOM % 1000)))
 
@@ -49,4 +52,5 @@ step zero_memory   "$LIMIT" "${RUN1[@]}" bench/bench_engine.py --parts memory $M
 step sdpa_images   60 python bench/bench_sdpa.py $SDPA
 step sdpa_videos   60 python bench/bench_sdpa.py $SDPA --frames 4
 step loader        "$LIMIT" python bench/bench_loader.py $LOADER
+step accum         "$LIMIT" "${RUN1[@]}" bench/bench_accum.py speed $ACCUM
 echo "done: $OUT/summary.jsonl"
