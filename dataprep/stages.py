@@ -62,7 +62,9 @@ def _image_options(cfg: CorpusConfig) -> ImageOptions:
 def _video_options(cfg: CorpusConfig) -> VideoOptions:
     return VideoOptions(video_size=cfg.video_size, resize_mode=cfg.video_resize_mode, fps=cfg.fps,
                         max_duration=cfg.max_duration, max_source_duration=cfg.max_source_duration,
-                        timeout=cfg.timeout, retries=cfg.retries, max_bytes=cfg.max_bytes)
+                        timeout=cfg.timeout, retries=cfg.retries, max_bytes=cfg.max_bytes,
+                        keyframe_interval=cfg.video_keyframe_interval, frames=cfg.video_frames,
+                        frame_quality=cfg.video_frame_quality)
 
 
 def download(cfg: CorpusConfig) -> dict:

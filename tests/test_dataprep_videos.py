@@ -11,17 +11,21 @@ import time
 from pathlib import Path
 
 import av
+import numpy as np
 import pandas as pd
 import pytest
 import webdataset as wds
 import yaml
+from PIL import Image
 
 from dataprep import stages, synthetic
 from dataprep.config import CorpusConfig
 from dataprep.readers import parse_iso_duration
 from dataprep.serve import Faults, LoopbackServer
 from dataprep.validate import _tail_is_intact
-from dataprep.videos import VideoError, VideoOptions, transcode
+from dataprep.videos import VideoError, VideoOptions, segment_middles, transcode
+from pipeline.config import load_config
+from pipeline.data import build_eval_samples
 
 REPO = Path(__file__).resolve().parents[1]
 WEBVID = REPO.parent / "shared" / "data" / "webvid_9"
@@ -114,6 +118,26 @@ def test_every_stored_clip_decodes_to_the_limits_asked_for(prepared):
         assert meta["trimmed"] == (meta["original_duration"] > 2.0)
 
 
+def test_stored_frames_are_the_clips_middle_frames_and_the_loader_reads_them(prepared):
+    ds = wds.WebDataset([str(t) for t in sorted(prepared["out"].glob("*.tar"))], shardshuffle=False)
+    n = 0
+    for sample in ds:
+        meta = json.loads(sample["json"])
+        with av.open(io.BytesIO(sample["mp4"])) as c:
+            clip = [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
+        wanted = segment_middles(meta["num_frames"], 8)
+        assert meta["frame_indices"] == wanted and meta["keyframe_interval"] == 4
+        assert sorted(k for k in sample if k.startswith("frame")) == [f"frame{i:02d}.jpg" for i in range(len(wanted))]
+        for i, t in enumerate(wanted):
+            jpg = np.asarray(Image.open(io.BytesIO(sample[f"frame{i:02d}.jpg"])).convert("RGB"), dtype=np.float32)
+            assert np.abs(jpg - clip[t]).mean() < 4  # JPEG quality 90
+        n += 1
+    assert n == len(prepared["good"])
+    cfg = load_config("tiny", ["data.video_size=32"])
+    samples = build_eval_samples(str(prepared["out"]), "video", cfg)
+    assert sum(1 for _, pixels, _ in samples if pixels.shape == (4, 3, 32, 32)) == n and samples.skipped == {}
+
+
 def test_failures_are_counted_by_reason(prepared):
     report = prepared["report"]
     assert report["failed_by_reason"] == {"connection_error": 1, "http_404": 1, "not_a_video": 1,
@@ -144,15 +168,21 @@ def test_transcode_rejects_what_is_not_a_video(tmp_path):
     with pytest.raises(VideoError, match="not a video"):
         transcode(b"<html>404</html>", VideoOptions())
     buf = io.BytesIO()
-    from PIL import Image
-
     Image.new("RGB", (32, 32)).save(buf, "JPEG")
     with pytest.raises(VideoError, match="no video stream"):
         transcode(buf.getvalue(), VideoOptions())
     with pytest.raises(VideoError):
         transcode(clip[: len(clip) // 3], VideoOptions())
-    mp4, meta = transcode(clip, VideoOptions(video_size=32, resize_mode="center_crop", fps=None, max_duration=1))
+    streams, meta = transcode(clip, VideoOptions(video_size=32, resize_mode="center_crop", fps=None, max_duration=1))
     assert (meta["width"], meta["height"], meta["num_frames"], meta["fps"]) == (32, 32, 8, 8.0)
+    assert sorted(streams) == [f"frame{i:02d}.jpg" for i in range(8)] + ["mp4"]  # 8 frames: all of them
+    assert meta["frame_indices"] == list(range(8))
+    streams, meta = transcode(clip, VideoOptions(video_size=32, fps=None, max_duration=1, frames=0))
+    assert list(streams) == ["mp4"] and "frame_indices" not in meta
+    with pytest.raises(ValueError, match="frames"):
+        VideoOptions(frames=100)
+    with pytest.raises(ValueError, match="keyframe_interval"):
+        VideoOptions(keyframe_interval=0)
 
 
 @pytest.mark.slow

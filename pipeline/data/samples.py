@@ -8,7 +8,7 @@ import torch
 
 from pipeline.data.image import IMAGE_EXTS, decode_image
 from pipeline.data.shards import RawSample
-from pipeline.data.video import VIDEO_EXTS, decode_video
+from pipeline.data.video import VIDEO_EXTS, decode_frames, decode_video, stored_frames
 
 
 class BadSample(Exception):
@@ -43,11 +43,15 @@ def decode_sample(raw: RawSample, modality: str, size: int, frames: int, rng: ra
         raise BadSample("empty_caption" if "txt" in raw.files or "json" in raw.files else "missing_caption")
     exts = IMAGE_EXTS if modality == "image" else VIDEO_EXTS
     ext = next((e for e in exts if e in raw.files), None)
-    if ext is None:
-        raise BadSample("missing_media", f"no {'/'.join(exts)} member")
+    stored = stored_frames(raw.files) if modality == "video" else {}  # preferred over the clip: cheaper
+    if ext is None and not stored:
+        wanted = "/".join(exts) + (" or frameNN.jpg" if modality == "video" else "")
+        raise BadSample("missing_media", f"no {wanted} member")
     try:
         if modality == "image":
             pixels = decode_image(raw.files[ext], size, rng, scale)[None]
+        elif stored:
+            pixels = decode_frames(stored, frames, size, rng, scale)
         else:
             pixels = decode_video(raw.files[ext], frames, size, rng, scale)
     except Exception as err:  # noqa: BLE001 - decoders raise many types on corrupt input

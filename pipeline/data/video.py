@@ -1,10 +1,14 @@
-"""Video decoding with PyAV: T frames, one spatial crop shared by every frame.
+"""Video decoding: T frames, one spatial crop shared by every frame, from a clip or stored frames.
 
 Frame choice: the video's n frames are cut into T equal segments; training takes a random frame of
 each segment, evaluation the middle one. A video with fewer than T frames repeats frames.
 
-Decoding a whole clip costs ~3 ms per frame here, so a 35 s clip would take seconds. Instead a
-demux pass (no decoding) lists the frames' timestamps and keyframes; each wanted frame is reached
+A sample holds a clip (`mp4`, ...) and/or K stored frames (`frame00.jpg` ... `frame<K-1>.jpg`,
+written by dataprep). Stored frames are preferred: they are read as a K-frame video, so only T
+small JPEGs are decoded and no container is opened (~2 ms alone per clip).
+
+Clips: decoding a whole clip costs ~3 ms per frame here, so a 35 s clip would take seconds. Instead
+a demux pass (no decoding) lists the frames' timestamps and keyframes; each wanted frame is reached
 by seeking to the keyframe before it, unless decoding on from the current position is shorter.
 """
 from __future__ import annotations
@@ -12,14 +16,17 @@ from __future__ import annotations
 import bisect
 import io
 import random
+import re
 
 import av
 import numpy as np
 import torch
+from PIL import Image
 
-from pipeline.data.image import center_crop_box, crop_resize, random_crop_box
+from pipeline.data.image import _INV_STD_255, _MEAN_255, center_crop_box, random_crop_box, to_rgb
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
+FRAME_RE = re.compile(r"^frame(\d+)\.(?:jpg|jpeg|png|webp)$")
 
 
 def frame_indices(num_frames: int, frames: int, rng: random.Random | None = None) -> list[int]:
@@ -43,13 +50,18 @@ def _timestamps(container, stream):
     return sorted(pts), sorted(keys)
 
 
+def _rgb(frame) -> Image.Image:
+    # One thread: swscale's default sets up a thread pool per call, ~3x the cost of converting a frame.
+    return frame.to_image(threads=1)
+
+
 def _decode_at(container, stream, targets: list[int], keys: list[int]) -> dict:
     """PIL frames at the given presentation timestamps (ascending), seeking to keyframes when it helps."""
     out = {}
     frames, pos, last = None, None, None
     for target in targets:
         if last is not None and last.pts is not None and last.pts >= target:
-            out[target] = last.to_image()
+            out[target] = _rgb(last)
             continue
         k = bisect.bisect_right(keys, target) - 1
         key = keys[k] if k >= 0 else None
@@ -63,7 +75,7 @@ def _decode_at(container, stream, targets: list[int], keys: list[int]) -> dict:
         if last is None:
             raise ValueError("no decodable frame")
         # Past the end (a packet that decodes to nothing): the nearest earlier frame stands in.
-        out[target] = last.to_image()
+        out[target] = _rgb(last)
     return out
 
 
@@ -72,11 +84,58 @@ def decode_video(data: bytes, frames: int, size: int, rng: random.Random | None 
     """Encoded video -> [frames, 3, size, size], random crop + random frames when `rng` is given."""
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
+        # One thread: FFmpeg's default (a thread per core) costs more in start-up and hand-offs than it
+        # saves on these small frames, and a loader worker has one core to itself at best.
+        stream.codec_context.thread_count = 1
         pts, keys = _timestamps(container, stream)
         if not pts:
             raise ValueError("no video frames")
         targets = [pts[i] for i in frame_indices(len(pts), frames, rng)]
         images = _decode_at(container, stream, sorted(set(targets)), keys)
-    first = images[targets[0]]
+    return _to_tensor([images[t] for t in targets], size, rng, scale)
+
+
+def stored_frames(files: dict[str, bytes]) -> dict[int, bytes]:
+    """A sample's stored frames by number ({0: frame00.jpg's bytes, ...}); empty when it has none."""
+    out = {}
+    for ext, data in files.items():
+        m = FRAME_RE.match(ext)
+        if m:
+            out[int(m.group(1))] = data
+    return out
+
+
+def decode_frames(stored: dict[int, bytes], frames: int, size: int, rng: random.Random | None = None,
+                  scale: tuple[float, float] = (0.5, 1.0)) -> torch.Tensor:
+    """Stored frames 0..K-1 -> [frames, 3, size, size]: the same choice as a K-frame clip, decoding
+    only the frames chosen. A gap in the numbering (a lost member) would shift the timing: an error."""
+    if sorted(stored) != list(range(len(stored))):
+        raise ValueError(f"stored frames are not numbered 0..{len(stored) - 1}: {sorted(stored)}")
+    chosen = frame_indices(len(stored), frames, rng)
+    images = {}
+    for i in sorted(set(chosen)):
+        img = Image.open(io.BytesIO(stored[i]))
+        img.load()  # the full decode: a corrupt frame raises here
+        images[i] = to_rgb(img)
+    if len({img.size for img in images.values()}) > 1:
+        raise ValueError(f"stored frames differ in size: {sorted({img.size for img in images.values()})}")
+    return _to_tensor([images[i] for i in chosen], size, rng, scale)
+
+
+def _to_tensor(images: list[Image.Image], size: int, rng: random.Random | None,
+               scale: tuple[float, float]) -> torch.Tensor:
+    """One crop box (drawn on the first frame) resized to size x size for every frame, CLIP-normalised.
+
+    image.crop_resize's arithmetic, done per channel on all frames at once: broadcasting over a
+    last axis of 3 is ~8x slower in NumPy, and a clip has T frames to normalise.
+    """
+    first = images[0]
     box = random_crop_box(*first.size, scale, rng) if rng is not None else center_crop_box(*first.size)
-    return torch.from_numpy(np.stack([crop_resize(images[t], box, size) for t in targets]))
+    pixels = np.stack([np.asarray(img.resize((size, size), Image.BICUBIC, box=box)) for img in images])
+    chw = pixels.transpose(0, 3, 1, 2)  # [T, 3, H, W], a view of the uint8 pixels
+    out = np.empty(chw.shape, np.float32)
+    mean, inv_std = _MEAN_255.reshape(3), _INV_STD_255.reshape(3)
+    for c in range(3):
+        np.subtract(chw[:, c], mean[c], out=out[:, c], dtype=np.float32)
+        out[:, c] *= inv_std[c]
+    return torch.from_numpy(out)
