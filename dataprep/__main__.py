@@ -7,6 +7,7 @@
     python -m dataprep run synthetic_images --data-root demo_out   (every stage, serving if synthetic)
     python -m dataprep synthetic --root demo_out/synthetic --base-url http://127.0.0.1:8000
     python -m dataprep serve demo_out/synthetic --port 8000
+    python -m dataprep add-frames OLD_VIDEO_SHARDS NEW_DIR    (stored frames for older video shards)
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
+    from .videos import add_frames_arguments
+
+    add_frames_arguments(sub.add_parser("add-frames", help="copy video shards, adding stored frames (resumable)"))
     p = sub.add_parser("serve", help="serve a folder on 127.0.0.1 until Ctrl-C")
     p.add_argument("root")
     p.add_argument("--port", type=int, default=8000)
@@ -120,6 +124,10 @@ def _run(args: argparse.Namespace) -> int:
 
         print(json.dumps(build_task_sets(args.out, seed=args.seed, size=args.image_size), indent=1))
         return 0
+    if args.stage == "add-frames":
+        from .videos import add_frames_command
+
+        return add_frames_command(args)
     if args.stage == "serve":
         from .serve import serve_forever
 

@@ -342,19 +342,19 @@ def add_frames_to_shards(src: str, dst: str, opts: VideoOptions, threads: int = 
     return {"shards": len(todo), "kept": len(tars) - len(todo), **totals}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dataprep.videos", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("add-frames", help="copy video shards, adding stored frames (resumable)")
+def add_frames_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="folder of shards written without stored frames")
     p.add_argument("dst", help="output folder; indexed at the end (sizes.json, report.json)")
     p.add_argument("--frames", type=int, default=VideoOptions.frames)
     p.add_argument("--frame-quality", type=int, default=VideoOptions.frame_quality)
     p.add_argument("--threads", type=int, default=4)
-    args = ap.parse_args(argv)
+
+
+def add_frames_command(args: argparse.Namespace) -> int:
+    """`add-frames SRC DST` (here and in `python -m dataprep`): exit status 0 when DST validates."""
     opts = VideoOptions(frames=args.frames, frame_quality=args.frame_quality)
     if opts.frames < 1:
-        ap.error("--frames must be at least 1")
+        raise SystemExit("add-frames: --frames must be at least 1")
     totals = add_frames_to_shards(args.src, args.dst, opts, args.threads)
     print(f"{totals['shards']} shards written ({totals['kept']} already done): {totals.get('successes', 0)} of "
           f"{totals.get('count', 0)} samples with frames, {totals.get('failed', 0)} left out -> {args.dst}")
@@ -363,6 +363,13 @@ def main(argv=None) -> int:
     for line in report["errors"] + report["warnings"]:
         print(line)
     return 0 if report["ok"] else 1
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dataprep.videos", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    add_frames_arguments(sub.add_parser("add-frames", help="copy video shards, adding stored frames (resumable)"))
+    return add_frames_command(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

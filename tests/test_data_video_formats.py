@@ -178,7 +178,7 @@ def test_add_frames_converts_old_shards_and_resumes(tmp_path):
     samples[3]["mp4"] = old["mp4"][:300]  # cut off: no frame decodes
     write(src / "00000.tar", samples[:5])
     write(src / "00001.tar", samples[5:])
-    run = [sys.executable, "-m", "dataprep.videos", "add-frames", str(src), str(dst), "--threads", "2"]
+    run = [sys.executable, "-m", "dataprep", "add-frames", str(src), str(dst), "--threads", "2"]
     subprocess.run(run, cwd=REPO, check=True, capture_output=True)
     assert json.loads((dst / "sizes.json").read_text()) == {"00000.tar": 4, "00001.tar": 3}
     stats = json.loads((dst / "00000_stats.json").read_text())
