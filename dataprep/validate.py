@@ -24,6 +24,7 @@ from .common import failure_reason, join, read_json, url_to_fs, write_json
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
+STORED_FRAME = re.compile(r"^frame(\d+)\.(?:jpg|jpeg|png|webp)$")  # a video sample's frames (dataprep/videos.py)
 TAR_RE = re.compile(r"^(\d+)\.tar$")
 STATS_RE = re.compile(r"^(\d+)_stats\.json$")
 ANNOTATIONS_REPORT = "_prep/annotations.json"
@@ -62,6 +63,21 @@ def _decode_video(data: bytes) -> float:
     return frames / rate if rate else 0.0
 
 
+def _check_stored_frames(files: dict[str, bytes], decode: bool) -> str | None:
+    """A video sample's stored frames must be numbered 0..K-1 and (with `decode`) decode."""
+    frames = {int(m.group(1)): e for e in files if (m := STORED_FRAME.match(e))}
+    if sorted(frames) != list(range(len(frames))):
+        return "stored frames not numbered 0..K-1"
+    if decode:
+        for e in frames.values():
+            try:
+                with Image.open(io.BytesIO(files[e])) as img:
+                    img.load()
+            except Exception:  # noqa: BLE001 - PIL raises many types for bad data
+                return "undecodable stored frame"
+    return None
+
+
 def _check_sample(files: dict[str, bytes], decode: bool, check: ShardCheck) -> str | None:
     """None if the sample is good, else why not. Updates the shard's media counters."""
     media = [e for e in files if e in IMAGE_EXTS or e in VIDEO_EXTS]
@@ -96,6 +112,9 @@ def _check_sample(files: dict[str, bytes], decode: bool, check: ShardCheck) -> s
                 check.video_seconds += _decode_video(files[ext])
             except Exception:  # noqa: BLE001 - as above, for PyAV
                 return "undecodable video"
+        problem = _check_stored_frames(files, decode)
+        if problem:
+            return problem
         check.videos += 1
     return None
 

@@ -168,8 +168,20 @@ def test_a_corrupt_stored_frame_is_a_counted_skip(corrupt, tok, caplog):
     assert evaluated.skipped == {"corrupt_video": 2}
 
 
+def test_validation_decodes_the_stored_frames(corrupt, formats, tmp_path):
+    import shutil
+
+    from dataprep.validate import validate
+
+    for name, shards in (("corrupt", corrupt), ("frames", formats[0] / "frames")):  # copies: sizes.json is rewritten
+        shutil.copytree(shards, tmp_path / name)
+    invalid = validate(str(tmp_path / "corrupt"))["samples"]["invalid"]
+    assert invalid == {"undecodable stored frame": 1, "stored frames not numbered 0..K-1": 1}
+    assert validate(str(tmp_path / "frames"))["samples"]["invalid"] == {}
+
+
 def test_add_frames_converts_old_shards_and_resumes(tmp_path):
-    """`python -m dataprep.videos add-frames`: the earlier format in, stored frames added, the clip kept
+    """`python -m dataprep add-frames`: the earlier format in, stored frames added, the clip kept
     byte for byte, an undecodable clip left out and counted, finished shards not redone."""
     old, _ = transcode(source_clip(), VideoOptions(video_size=SIDE, fps=None, keyframe_interval=None, frames=0))
     src, dst = tmp_path / "old", tmp_path / "new"
