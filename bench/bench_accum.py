@@ -4,10 +4,11 @@
     python bench/bench_accum.py learn [--seeds 0 1 2] [--steps 450] [--write bench/RESULTS.md]
 
 speed  The same batches through two DeepSpeed engines (bf16, ZeRO-2) built from the same weights,
-       one optimizer step (A micro-batches) in turn: plain accumulation, then contrastive
-       accumulation. Prints negatives per contrastive loss, step time (median over the steps after
-       a warm-up, slowest rank) and peak memory per rank (CUDA: max_memory_allocated; CPU: peak
-       resident memory, bench_engine's measure), each as a ratio to plain accumulation.
+       one optimizer step (A micro-batches) in turn: plain accumulation, contrastive accumulation,
+       and the A x B pairs as one micro-batch (the large batch it stands in for). Prints negatives per contrastive loss, step time (median over the steps after
+       a warm-up, slowest rank) and peak allocated memory per rank above the engine's own (CUDA:
+       max_memory_allocated; CPU: malloc's bytes in use, bench_engine's measure), each as a ratio
+       to plain accumulation.
 learn  ConceptTask (pipeline.synthetic), tiny, in process: a batch of 32 in one step, 4 x 8 with
        plain accumulation, 4 x 8 with contrastive accumulation; tail losses and held-out retrieval,
        mean ± std over seeds.
@@ -15,7 +16,6 @@ learn  ConceptTask (pipeline.synthetic), tiny, in process: a batch of 32 in one 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import statistics
@@ -44,23 +44,13 @@ def _now() -> float:
     return time.perf_counter()
 
 
-def _small_mmap_threshold(nbytes: int) -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD: give the heap's free top back at once
-    except (OSError, AttributeError):
-        pass
-
-
 def speed(args) -> None:
-    from bench_engine import MID, PeakMemory, _return_freed_memory_to_the_os
+    from bench_engine import MID, PeakMemory
 
     from pipeline import distributed, engine as engine_lib
     from pipeline.model import build_model
     from pipeline.synthetic import synthetic_batch
 
-    _return_freed_memory_to_the_os()
     env = engine_lib.init_distributed()
     a, b, world = args.accum, args.batch_size, env.world_size
     overrides = (MID if args.size == "mid" else []) + [
@@ -68,6 +58,8 @@ def speed(args) -> None:
         "train.warmup_steps=0", f"train.steps={args.steps + 1}"]
     cfgs = {v: load_config(args.config, overrides + [f"train.contrastive_accum={v == 'cached'}"])
             for v in ("plain", "cached")}
+    # the batch contrastive accumulation stands in for: A x B pairs in one micro-batch
+    cfgs["large"] = load_config(args.config, overrides + [f"data.batch_size={a * b}", "train.grad_accum=1"])
     cfg = cfgs["plain"]
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     groups = [[engine_lib.to_device(synthetic_batch(cfg, b, seed=10_000 * r + 100 * i + env.rank), device,
@@ -76,6 +68,8 @@ def speed(args) -> None:
     def step(engine, variant, group):
         if variant == "cached":
             assert engine_lib.train_group_step(engine, group, cfg.loss).applied
+        elif variant == "large":
+            assert engine_lib.train_micro_step(engine, {k: torch.cat([g[k] for g in group]) for k in group[0]}).applied
         else:
             for batch in group:
                 assert engine_lib.train_micro_step(engine, batch).applied
@@ -84,10 +78,9 @@ def speed(args) -> None:
         torch.manual_seed(0)
         return engine_lib.initialize(build_model(cfgs[variant]), cfgs[variant])
 
-    # memory: one engine at a time, two steps each; on CPU every block from 16 KiB up is its own
-    # mapping, returned when freed, so resident memory follows the live tensors of each variant
-    _small_mmap_threshold(16 << 10)
-    warm = build("cached")  # the process's one-time costs (comm buffers, kernels' lazy set-up) land here
+    # memory: one engine at a time, two steps each, after a warm-up engine took the process's
+    # one-time costs (comm buffers, lazy set-up); each variant's lowest over its runs
+    warm = build("cached")
     step(warm, "cached", groups[0])
     step(warm, "plain", groups[0])
     del warm
@@ -98,11 +91,12 @@ def speed(args) -> None:
         mem.start()
         for group in groups[:2]:
             step(engine, variant, group)
-        peak[variant] = min(peak.get(variant, float("inf")), mem.stop())  # the lowest of its runs
+        got = mem.stop()
+        peak[variant] = min(peak.get(variant, float("inf")), got["allocated"] if got["allocated"] is not None
+                            else got["held"])
         del engine
-    _return_freed_memory_to_the_os()
     # time: both engines, the steps in turn on the same batches
-    engines = {v: build(v) for v in ("plain", "cached")}
+    engines = {v: build(v) for v in ("plain", "cached", "large")}
     times = {v: [] for v in engines}
     for r, group in enumerate(groups):
         for variant, engine in engines.items():
@@ -120,10 +114,11 @@ def speed(args) -> None:
         print(f"\n## Contrastive accumulation vs plain accumulation ({where}; {world} ranks, bf16 ZeRO-2, "
               f"{n_params / 1e6:.1f}M parameters, {a} x {b} per rank, {args.steps} timed steps)\n")
         print("| accumulation | negatives per contrastive loss | step ms (median, slowest rank) | vs plain "
-              "| peak MiB per rank | vs plain |")
+              "| peak allocated MiB per rank | vs plain |")
         print("|---|---|---|---|---|---|")
-        for v, negatives in (("plain", b * world), ("cached", a * b * world)):
-            print(f"| {'plain' if v == 'plain' else 'contrastive'} | {negatives} | {med[v].item():.0f} | "
+        names = {"plain": f"plain, {a} x {b}", "cached": f"contrastive, {a} x {b}", "large": f"none, 1 x {a * b}"}
+        for v, negatives in (("plain", b * world), ("cached", a * b * world), ("large", a * b * world)):
+            print(f"| {names[v]} | {negatives} | {med[v].item():.0f} | "
                   f"{med[v].item() / med['plain'].item():.2f}x | {mib[v].item():.0f} | "
                   f"{mib[v].item() / max(mib['plain'].item(), 1e-9):.2f}x |")
         print(json.dumps({"step_ms": {v: t.item() for v, t in med.items()},
@@ -136,7 +131,7 @@ def learn(args) -> None:
 
     from pipeline.synthetic import evaluate_concepts, tail_mean, train_concepts
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     results = {}
     for name, (micro, overrides) in LEARN_ROWS.items():
         for seed in args.seeds:
@@ -170,11 +165,11 @@ def main(argv=None):
     ap.add_argument("--config", default="tiny", help="speed: the model's config (base on a GPU)")
     ap.add_argument("--size", choices=["config", "mid"], default="config",
                     help="speed: mid = bench_engine's ~25M-parameter model on top of --config")
-    ap.add_argument("--order", default="plain,cached,plain,cached",
-                    help="speed: the memory runs, in turn (each variant's lowest counts: the first run after "
-                         "the warm-up still pays a few one-time MiB on CPU)")
+    ap.add_argument("--order", default="plain,cached,large,plain,cached,large",
+                    help="speed: the memory runs, in turn (each variant's lowest counts)")
     ap.add_argument("--steps", type=int, help="default: speed 6, learn 450")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--threads", type=int, default=0, help="learn: torch threads (0: one per core)")
     ap.add_argument("--write", help="learn: replace this benchmark's section of a RESULTS.md")
     args = ap.parse_args(argv)
     if args.part == "speed":

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_fixtures import run_driver
 
 REPO = Path(__file__).resolve().parents[1]
 CONTRASTIVE_ONLY = ["loss.itm=0", "loss.mlm=0", "model.fusion.dropout=0", "model.text.dropout=0"]
@@ -161,15 +162,16 @@ def test_two_ranks_cached_step_equals_one_step_on_the_doubled_batch(distributed_
 
 
 @pytest.mark.slow
-def test_trainer_runs_cached_steps_under_zero2_bf16(distributed_run):
-    from train_fixtures import STEPS, read_scalars
+@pytest.mark.parametrize("name,steps", [("trainer", 8), ("trainer_zero3", 3)])
+def test_trainer_runs_cached_steps_under_zero2_and_zero3_bf16(distributed_run, name, steps):
+    from train_fixtures import read_scalars
 
-    scalars = read_scalars(distributed_run / "trainer")
-    assert sorted(scalars["loss/itc"]) == list(range(1, STEPS + 1))
+    scalars = read_scalars(distributed_run / name)
+    assert sorted(scalars["loss/itc"]) == list(range(1, steps + 1))
     assert all(v == 0.0 for v in scalars["train/cache_drift"].values())  # dropout replayed under DeepSpeed
     assert all(torch.isfinite(torch.tensor(v)) for v in scalars["loss/total"].values())
-    summary = json.loads((distributed_run / "trainer.json").read_text())
-    assert summary["step"] == STEPS and summary["nonfinite_skipped"] == 0
+    summary = json.loads((distributed_run / f"{name}.json").read_text())
+    assert summary["step"] == steps and summary["nonfinite_skipped"] == 0
 
 
 def _engine(model, micro: int, accum: int, stage: int):
@@ -218,6 +220,8 @@ def _compare(out: Path, name: str, frames: int, stage: int) -> None:
 
 def _driver(config: str, out: Path) -> None:
     sys.path.insert(0, str(REPO))
+    from train_fixtures import STEPS
+
     import pipeline.pretrain as pretrain
     from pipeline import engine as engine_lib
     from pipeline.config import load_config
@@ -225,17 +229,13 @@ def _driver(config: str, out: Path) -> None:
     engine_lib.init_distributed()
     _compare(out, "zero0_images", frames=1, stage=0)
     _compare(out, "zero2_videos", frames=2, stage=2)
-    summary = pretrain.train(load_config(config, ["train.zero_stage=2", "train.grad_accum=2",
-                                                  "train.contrastive_accum=true", f"train.output_dir={out}/trainer"]))
-    if int(os.environ["RANK"]) == 0:
-        (out / "trainer.json").write_text(json.dumps(summary))
+    for stage, name, steps in ((2, "trainer", STEPS), (3, "trainer_zero3", 3)):
+        summary = pretrain.train(load_config(config, [f"train.zero_stage={stage}", "train.grad_accum=2",
+                                                      f"train.steps={steps}", "train.contrastive_accum=true",
+                                                      f"train.output_dir={out}/{name}"]))
+        if int(os.environ["RANK"]) == 0:
+            (out / f"{name}.json").write_text(json.dumps(summary))
 
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    _driver(args.config, args.out)
+    run_driver(_driver)

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 import pytest
-from train_fixtures import REPO, STEPS, _descendants, _env, _finish, _free_port, _torchrun, read_scalars, write_train_data
+from train_fixtures import (REPO, STEPS, _descendants, _env, _finish, _free_port, _torchrun, read_scalars,
+                            run_driver, write_train_data)
 
 NAN_CALLS_ONCE, NAN_FROM_CALL = 3, 8  # rank 1's forward calls that return a NaN loss (ZeRO-3 run)
 LONG = 28  # steps of the kill-and-resume pair (B + C) and its uninterrupted ZeRO-2 reference: >= 20 compared
@@ -292,10 +293,4 @@ def _driver(config: str, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    _driver(args.config, args.out)
+    run_driver(_driver)

@@ -66,6 +66,17 @@ train: {{steps: {STEPS}, warmup_steps: 2, lr: 2.0e-3, log_every: 1, save_every: 
 
 
 # ---------------------------------------------------------------- launching and killing real runs
+def run_driver(driver) -> None:
+    """A test file run under torchrun as a driver: `driver(config, out)` from --config and --out."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    driver(args.config, args.out)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
