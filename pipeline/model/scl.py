@@ -7,8 +7,8 @@ A batch holds
     scl_ids [B, L]                  caption with `loss.scl_text_ratio` of its tokens masked
     patch_keep [B, K]               visible patches for masked vision (same in every frame)
 
-Fused schedule (default): each unimodal encoding is computed once (intact / masked image, intact /
-MLM / SCL text). The contrastive part comes first (ITC features, the two SCL fusion passes), then the
+Fused schedule (default): each unimodal encoding is computed once (intact / masked image; intact,
+MLM and SCL text in one text-encoder call). The contrastive part comes first (ITC features, the two SCL fusion passes), then the
 ITM and MLM fusion passes of the intact image run as one concatenated batch. The naive schedule
 re-encodes for every objective (as the reference code does) and exists to check the fused one.
 """
@@ -192,11 +192,21 @@ class SCLModel(nn.Module):
     def _want_scl(self):
         return self._want("scl_vision") or self._want("scl_text")
 
-    def contrastive_features(self, batch, v, t):
+    def _encode_texts(self, batch):
+        """The intact caption and, where a loss wants them, its SCL- and MLM-masked copies, in one
+        text-encoder call: ZeRO-3 keeps the parameters of a module that runs several times per
+        forward gathered until backward ends (bench/RESULTS.md, ZeRO-3 memory)."""
+        keys = ["text_ids"] + ["scl_ids"] * self._want_scl() + ["mlm_ids"] * self._want("mlm")
+        mask = batch["attention_mask"]
+        out = self.encode_text(torch.cat([batch[k] for k in keys]), mask.repeat(len(keys), 1))
+        return dict(zip(keys, out.split(mask.shape[0])))
+
+    def contrastive_features(self, batch, v, texts):
         """Everything the ITC and SCL losses read (see `objectives.contrastive_terms`), computed
         before any other work of the step and always in this order, so that a second forward from
-        the same RNG state reproduces it. Returns (features, masked vision tokens or None)."""
-        mask = batch["attention_mask"]
+        the same RNG state reproduces it. `texts`: `_encode_texts`. Returns (features, masked
+        vision tokens or None)."""
+        mask, t = batch["attention_mask"], texts["text_ids"]
         feats = {"temperature": self.temperature()}
         if self._want("itc") or self._want("itm"):
             feats["itc_vision"], feats["itc_text"] = self.itc_features(v, t)
@@ -204,15 +214,16 @@ class SCLModel(nn.Module):
         if self._want_scl():
             v_m = self.encode_vision(batch["pixels"], batch["patch_keep"])
             masked_v = self.fuse(t, mask, v_m)
-            masked_t = self.fuse(self.encode_text(batch["scl_ids"], mask), mask, v)
+            masked_t = self.fuse(texts["scl_ids"], mask, v)
             feats.update(self._scl_features(masked_v, masked_t))
         return feats, v_m
 
     def _forward_fused(self, batch, generator, features_only=False, cached=None):
         pixels, mask = batch["pixels"], batch["attention_mask"]
         v = self.encode_vision(pixels)
-        t = self.encode_text(batch["text_ids"], mask)
-        feats, v_m = self.contrastive_features(batch, v, t)
+        texts = self._encode_texts(batch)
+        t = texts["text_ids"]
+        feats, v_m = self.contrastive_features(batch, v, texts)
         if features_only:
             return feats
         if cached is None:
@@ -229,7 +240,7 @@ class SCLModel(nn.Module):
             pairs += [(t, mask, v), (t[neg_t], mask[neg_t], v), (t, mask, v[neg_v])]
             names += ["clean", "neg_t", "neg_v"]
         if self._want("mlm"):
-            pairs.append((self.encode_text(batch["mlm_ids"], mask), mask, v)), names.append("mlm")
+            pairs.append((texts["mlm_ids"], mask, v)), names.append("mlm")
         fused = dict(zip(names, self._fuse_many(pairs))) if pairs else {}
         if self._want("itm"):
             losses["itm"] = self._itm_loss(fused["clean"], fused["neg_t"], fused["neg_v"])
