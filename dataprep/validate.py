@@ -63,18 +63,23 @@ def _decode_video(data: bytes) -> float:
     return frames / rate if rate else 0.0
 
 
+def _image_decodes(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except Exception:  # noqa: BLE001 - PIL raises many types for bad data
+        return False
+    return True
+
+
 def _check_stored_frames(files: dict[str, bytes], decode: bool) -> str | None:
     """A video sample's stored frames must be numbered 0..K-1 and (with `decode`) decode."""
     frames = {int(m.group(1)): e for e in files if (m := STORED_FRAME.match(e))}
     if sorted(frames) != list(range(len(frames))):
         return "stored frames not numbered 0..K-1"
     if decode:
-        for e in frames.values():
-            try:
-                with Image.open(io.BytesIO(files[e])) as img:
-                    img.load()
-            except Exception:  # noqa: BLE001 - PIL raises many types for bad data
-                return "undecodable stored frame"
+        if not all(_image_decodes(files[e]) for e in frames.values()):
+            return "undecodable stored frame"
     return None
 
 
@@ -99,12 +104,8 @@ def _check_sample(files: dict[str, bytes], decode: bool, check: ShardCheck) -> s
         return "bad json"
     ext = media[0]
     if ext in IMAGE_EXTS:
-        if decode:
-            try:
-                with Image.open(io.BytesIO(files[ext])) as img:
-                    img.load()
-            except Exception:  # noqa: BLE001 - PIL raises many types for bad data
-                return "undecodable image"
+        if decode and not _image_decodes(files[ext]):
+            return "undecodable image"
         check.images += 1
     else:
         if decode:
