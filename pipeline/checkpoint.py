@@ -6,7 +6,8 @@ Layout under `<output_dir>/checkpoints/`:
         rank_00000.pt ...     per-rank state: loader position, RNG states
         complete.json         written last, by rank 0, once every rank has finished writing; lists
                               every file of the tag with its size
-    latest                    the newest complete tag, replaced atomically (write + rename)
+    latest                    the newest complete tag, replaced atomically (write + rename), for
+                              people and DeepSpeed's own loader; resume orders tags by complete.json's time
 
 A crash mid-save (or a full disk) leaves a tag without `complete.json` and `latest` still naming the
 previous one; resume ignores such tags and the next save removes them. A complete tag whose files no
@@ -213,20 +214,27 @@ def _file_problem(path: Path, expected: int) -> str | None:
     return None if actual == expected else f"{path} is {actual} bytes, expected {expected}"
 
 
+def _completed_at(tag_dir: Path) -> float:
+    """When rank 0 declared the tag complete (complete.json's `time`; 0 if it has none)."""
+    try:
+        return float(json.loads((tag_dir / COMPLETE).read_text()).get("time", 0.0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0.0
+
+
 def _candidates(root: Path) -> list[Path]:
-    """Complete tags, most preferred first: the one `latest` names, then by step, newest first."""
-    complete = sorted((d for d in root.glob("step_*") if d.is_dir() and is_complete(d)), key=_step_of, reverse=True)
-    latest = root / LATEST
-    if latest.is_file():
-        named = root / latest.read_text().strip()
-        if is_complete(named):
-            return [named] + [d for d in complete if d != named]
-        _warn("%s names %s, which is not a complete checkpoint; scanning", latest, named)
-    return complete
+    """Complete tags, most preferred first: the one completed last, then by step, newest first.
+
+    Completion time, not `latest`, decides: a run killed between a tag's complete.json and the
+    rename of `latest` resumes from that tag, not the one before it; and after a resume from an
+    older tag, the new branch's tags (completed later) win over the abandoned branch's higher steps.
+    """
+    complete = [d for d in root.glob("step_*") if d.is_dir() and is_complete(d)]
+    return sorted(complete, key=lambda d: (_completed_at(d), _step_of(d)), reverse=True)
 
 
 def find_latest(output_dir) -> Path | None:
-    """The newest intact complete tag (the one `latest` names, else the highest step), or None.
+    """The newest intact complete tag (the one completed last), or None.
 
     A damaged tag (a file deleted or truncated) is skipped with a warning naming its files, so a run
     resumes from the one before (kept by train.keep_last or as the best checkpoint).

@@ -130,7 +130,8 @@ def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(new_engine, tmp_
 
 def test_a_legacy_checkpoint_without_file_list_still_resumes(new_engine, tmp_path, caplog):
     saver, _, newest = _two_checkpoints(new_engine, tmp_path)
-    legacy = {"step": 2, "world_size": 1, "time": 0.0}  # complete.json as written before the file list
+    written = json.loads((newest / checkpoint.COMPLETE).read_text())
+    legacy = {k: written[k] for k in ("step", "world_size", "time")}  # complete.json before the file list
     (newest / checkpoint.COMPLETE).write_text(json.dumps(legacy))
     with caplog.at_level(logging.DEBUG, logger="pipeline.checkpoint"):
         assert checkpoint.resolve(tmp_path, "auto") == newest

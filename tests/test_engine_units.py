@@ -148,6 +148,27 @@ def _fake_tag(root, step, complete=True):
     return d
 
 
+def _timed_tag(root, step, at):
+    d = _fake_tag(root, step)
+    (d / checkpoint.COMPLETE).write_text(json.dumps({"step": step, "time": at}))
+    return d
+
+
+def test_a_kill_before_latest_is_renamed_resumes_from_the_tag_just_completed(tmp_path):
+    _timed_tag(tmp_path, 2, 100.0)
+    four = _timed_tag(tmp_path, 4, 200.0)
+    (tmp_path / "checkpoints" / checkpoint.LATEST).write_text("step_00000002")  # killed before the rename
+    assert checkpoint.resolve(tmp_path, "auto") == four
+
+
+def test_after_a_resume_from_an_older_tag_the_new_branch_wins(tmp_path):
+    _timed_tag(tmp_path, 2, 100.0)
+    _timed_tag(tmp_path, 6, 300.0)  # the branch abandoned by train.resume=<step_2>
+    four = _timed_tag(tmp_path, 4, 400.0)
+    (tmp_path / "checkpoints" / checkpoint.LATEST).write_text("step_00000004")
+    assert checkpoint.resolve(tmp_path, "auto") == four
+
+
 def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
     assert checkpoint.resolve(tmp_path, "auto") is None and checkpoint.resolve(tmp_path, "none") is None
     _fake_tag(tmp_path, 100)

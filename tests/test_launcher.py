@@ -6,7 +6,7 @@ import signal
 import time
 
 import pytest
-from train_fixtures import _descendants, _finish, _torchrun, kill_tree, write_train_data
+from train_fixtures import _descendants, _finish, _torchrun, kill_tree, newest_complete_step, write_train_data
 
 
 def _alive(pid: int) -> bool:
@@ -50,7 +50,7 @@ def test_lock_and_launcher_death(tmp_path):
 
     # the dead run left its lock file, but no lock: the next run starts and resumes
     assert (run / ".lock").exists()
-    k = int((run / "checkpoints" / "latest").read_text().split("_")[-1])
+    k = newest_complete_step(run)
     c = _torchrun(common + ["--resume", "auto", f"train.steps={k + 2}"], tmp_path / "c.log")
     text = _finish(c, tmp_path / "c.log")
     assert f"resumed from {run / 'checkpoints' / f'step_{k:08d}'} at step {k}" in text

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from train_fixtures import (REPO, STEPS, _descendants, _env, _finish, _free_port, _torchrun, read_scalars,
-                            run_driver, write_train_data)
+                            newest_complete_step, run_driver, write_train_data)
 
 NAN_CALLS_ONCE, NAN_FROM_CALL = 3, 8  # rank 1's forward calls that return a NaN loss (ZeRO-3 run)
 LONG = 28  # steps of the kill-and-resume pair (B + C) and its uninterrupted ZeRO-2 reference: >= 20 compared
@@ -53,7 +53,7 @@ def runs(tmp_path_factory):
         except ProcessLookupError:
             pass
     assert b.wait() == -signal.SIGKILL
-    killed_at = int(latest.read_text().strip().split("_")[-1])
+    killed_at = newest_complete_step(b_dir)
     c = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr",
                         "127.0.0.1", "--master_port", str(_free_port()), "pipeline/pretrain.py", "--config",
                         str(config), "train.zero_stage=2", "--resume", "auto", f"train.steps={LONG}",

@@ -118,6 +118,13 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def newest_complete_step(run_dir: Path) -> int:
+    """The highest step with a complete.json: where a killed run resumes (`latest` may lag it by the
+    rename that follows complete.json)."""
+    return max(int(d.name.split("_")[-1]) for d in (Path(run_dir) / "checkpoints").glob("step_*")
+               if (d / "complete.json").is_file())
+
+
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL every process below `proc` (the ranks run in their own sessions), then `proc`."""
     import signal
