@@ -5,7 +5,8 @@ TensorBoard tags (under `<output_dir>/tensorboard`):
     loss/total, loss/<term>        global mean over the window's steps and all ranks
     lr/<group>                     learning rate of each AdamW group at the logged step
     train/grad_norm, train/loss_scale (fp16), train/nonfinite_skipped
-    train/cache_drift              contrastive accumulation: largest first- vs second-pass feature gap
+    train/cache_drift              contrastive accumulation: each step's largest first- vs second-pass
+                                   feature gap, averaged over the window
     temperature/itc, temperature/scl
     throughput/samples_per_s, throughput/tokens_per_s   global (all ranks); tokens = text tokens
                                    (non-padding) + vision tokens (frames x (1 + patches))
