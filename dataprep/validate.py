@@ -51,6 +51,27 @@ def _split_key(member_name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
+def tar_samples(fs, path: str):
+    """(key, {extension: bytes}) per sample of a tar, in order, webdataset's grouping.
+
+    A tar cut off raises (tarfile.TarError, EOFError, OSError) once the samples before the cut have
+    been yielded: the sample being read then is lost, and the caller counts it.
+    """
+    current, files = None, {}
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = _split_key(member.name)
+            if key != current:
+                if current is not None:
+                    yield current, files
+                current, files = key, {}
+            files[ext] = tar.extractfile(member).read()
+    if current is not None:
+        yield current, files
+
+
 def _decode_video(data: bytes) -> float:
     import av
 
@@ -135,33 +156,17 @@ def check_tar(fs, path: str, decode: bool = True) -> ShardCheck:
     if not _tail_is_intact(fs, path, check.bytes):
         check.flags.append("truncated")
     seen: set[str] = set()
-    current_key, files = None, {}
-
-    def finish(key, sample_files):
-        if key is None:
-            return
-        if key in seen:
-            check.invalid["duplicate key"] += 1
-            return
-        seen.add(key)
-        problem = _check_sample(sample_files, decode, check)
-        if problem:
-            check.invalid[problem] += 1
-        else:
-            check.valid += 1
-
     try:
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _split_key(member.name)
-                data = tar.extractfile(member).read()
-                if key != current_key:
-                    finish(current_key, files)
-                    current_key, files = key, {}
-                files[ext] = data
-        finish(current_key, files)
+        for key, files in tar_samples(fs, path):
+            if key in seen:
+                check.invalid["duplicate key"] += 1
+                continue
+            seen.add(key)
+            problem = _check_sample(files, decode, check)
+            if problem:
+                check.invalid[problem] += 1
+            else:
+                check.valid += 1
     except (tarfile.TarError, EOFError, OSError) as err:
         # The sample being read when the data ran out is lost; the ones before it are counted.
         check.invalid["cut off by end of data"] += 1

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import re
 import tarfile
 import time
 from collections import Counter
@@ -33,7 +32,7 @@ from tqdm import tqdm
 from .common import join, read_json, url_to_fs
 from .fetch import fetch
 from .shards import SampleResult, ShardWriter, _ordered_map, finished_shards
-from .validate import VIDEO_EXTS, validate
+from .validate import STORED_FRAME, TAR_RE, VIDEO_EXTS, tar_samples, validate
 
 
 class VideoError(Exception):
@@ -246,27 +245,12 @@ def add_frames(data: bytes, opts: VideoOptions) -> tuple[dict[str, bytes], dict]
 
 
 def _tar_samples(fs, path: str, problems: Counter):
-    """(key, {extension: bytes}) per sample of a tar, webdataset's grouping (key: up to the first dot).
-    A tar cut off ends there: the sample being read is lost and counted in `problems`."""
-    current, files = None, {}
+    """validate.tar_samples, a tar cut off ending the shard: the sample being read is lost and
+    counted in `problems`."""
     try:
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                directory, _, base = member.name.rpartition("/")
-                stem, _, ext = base.partition(".")
-                key = f"{directory}/{stem}" if directory else stem
-                if key != current and current is not None:
-                    yield current, files
-                    files = {}
-                current = key
-                files[ext.lower()] = tar.extractfile(member).read()
+        yield from tar_samples(fs, path)
     except (tarfile.TarError, EOFError, OSError) as err:
         problems[f"source tar cut off: {err}"] += 1
-        return
-    if current is not None:
-        yield current, files
 
 
 def _sample_with_frames(item: tuple[str, dict], opts: VideoOptions) -> tuple[str, str, dict, dict, str | None]:
@@ -274,7 +258,7 @@ def _sample_with_frames(item: tuple[str, dict], opts: VideoOptions) -> tuple[str
     key, files = item
     caption = files.get("txt", b"").decode("utf-8", "replace")
     meta = json.loads(files["json"]) if "json" in files else {}
-    media = {e: d for e, d in files.items() if e not in ("txt", "json") and not re.match(r"frame\d+\.", e)}
+    media = {e: d for e, d in files.items() if e not in ("txt", "json") and not STORED_FRAME.match(e)}
     ext = next((e for e in VIDEO_EXTS if e in files), None)
     if ext is None:
         return key, caption, media, meta, "no video member"
@@ -327,7 +311,7 @@ def add_frames_to_shards(src: str, dst: str, opts: VideoOptions, threads: int = 
     _stats.json exists) are kept, so an interrupted run resumes. Returns totals over the shards done."""
     fs, src_root = url_to_fs(src)
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(src_root, detail=False))
-    tars = [n for n in names if re.fullmatch(r"\d+\.tar", n)]
+    tars = [n for n in names if TAR_RE.match(n)]
     done = finished_shards(dst)
     todo = [n for n in tars if int(n.split(".")[0]) not in done]
     dst_fs, dst_root = url_to_fs(dst)
