@@ -20,10 +20,12 @@ class VisionConfig:
     # timm architecture name (with an optional .tag for `pretrained: hub`); the geometry fields below
     # override its defaults. base: OpenAI CLIP ViT-B/16, whose MLPs use QuickGELU, as the paper.
     timm_name: str = "vit_base_patch16_clip_quickgelu_224.openai"
-    pretrained: str = ""  # "" = random init; "hub" = timm's weights for timm_name's tag; else a local file
+    # "hub" = timm's weights for timm_name's tag; a local weights file; "none" = random init (explicit:
+    # an empty value is an error, so a tower never trains from scratch by omission)
+    pretrained: str = "hub"
     width: int = 768
     depth: int = 11  # the reference keeps 11 of CLIP's 12 blocks
-    pretrained_depth: int = 12  # blocks in the pretrained checkpoint; the first `depth` are kept
+    pretrained_depth: int = 12  # blocks in the pretrained weights (checked); the first `depth` are loaded
     heads: int = 12
     patch_size: int = 16
     image_size: int = 288  # pre-training resolution; positional embeddings resampled bicubically
@@ -34,7 +36,8 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    pretrained: str = ""  # "" = random init from the geometry below; else a name or path for from_pretrained
+    # a hub name or directory for RobertaModel.from_pretrained; "none" = random init from the geometry below
+    pretrained: str = "roberta-base"
     hidden: int = 768
     layers: int = 12
     heads: int = 12
@@ -71,9 +74,9 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    # Weights of the total loss; a zero weight skips the term. The reference's are ITC 0.5, ITM 1,
-    # MLM 1, SCL 1; SCL is 0.1 here: at 1 it takes the shared fusion over and ITM never leaves its
-    # prior when training from scratch (bench/RESULTS.md, "SCL and ITM"). Paper: scl_*=1.
+    # A named set of weights and ITM pairing (LOSS_PRESETS below, with where each comes from); keys
+    # set beside it, or in a later file or override, win over it. A zero weight skips the term.
+    preset: str = "light_scl"
     itc: float = 0.5
     itm: float = 1.0
     mlm: float = 1.0
@@ -81,7 +84,16 @@ class LossConfig:
     scl_text: float = 0.1
     mvm: float = 0.0  # masked vision modeling, off by default
     itm_negatives: str = "random"  # "random" (the reference's) or "hard" (ALBEF: from softmax(ITC sim / τ))
+    # "triplet": every pair, one negative text and one negative image (1:2, three fusion rows per pair);
+    # "swap": half of the pairs get another image of the batch (1:1, one row per pair; the released code's)
+    itm_pairs: str = "triplet"
     mlm_prob: float = 0.15
+    mlm_whole_word: bool = True  # MLM picks whole words (the tokenizer's word ids), all their tokens at once
+    # Retrieval fine-tuning (METER's irtr): a ranking head initialised from the ITM head (which stays
+    # frozen) scores each image with its caption and `irtr_negatives` random other captions (cross-
+    # entropy over them); `itc` then weighs the image-to-text ITC over those captions.
+    irtr: float = 0.0
+    irtr_negatives: int = 15
     scl_text_ratio: float = 0.4
     scl_patch_ratio: float = 0.8
     scl_temperature: float = 0.03
@@ -112,7 +124,11 @@ class DataConfig:
     epoch_samples: int = 0  # 0 = total of the sources' counts
     shuffle_buffer: int = 1000  # samples shuffled together (a block of consecutive samples, per worker)
     seed: int = 0
-    crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop area range for training
+    crop_scale: tuple[float, float] = (0.8, 1.0)  # RandomResizedCrop area range for training (released: 0.8-1)
+    hflip: bool = True  # random horizontal flip in training (the released `clip` transform flips)
+    # timm RandAugment for training images ("" = off), e.g. "rand-m3-n2-p1.0": 2 ops at 3/10 of timm's
+    # ranges, always applied, from timm's set without Invert (the released fine-tuning's RandAugment(2, 9/30))
+    randaugment: str = ""
     prefetch: int = 2  # batches each DataLoader worker prepares ahead
 
 
@@ -128,7 +144,10 @@ class TrainConfig:
     warmup_steps: int = 10_000
     decay: str = "linear"  # "linear" or "cosine"
     min_lr_ratio: float = 0.0
-    grad_accum: int = 1
+    # Samples per optimizer step over all ranks: the accumulation steps are derived from it, the
+    # micro-batch (data.batch_size) and the world size at start (`accumulation`); 0 = use grad_accum.
+    global_batch: int = 0
+    grad_accum: int = 1  # micro-batches per optimizer step when global_batch is 0
     # ITC and SCL negatives across all grad_accum micro-batches of a step (pipeline/gradcache.py):
     # the gradient of one step on the whole batch, for one extra no-grad contrastive forward.
     contrastive_accum: bool = False
@@ -154,7 +173,9 @@ class EvalConfig:
     modality: str = "image"
     num_samples: int = 0
     itm_rerank_k: int = 16  # candidates re-scored per query; 0 = ITC only
-    rerank: str = "itc_itm"  # top-k score: "itc_itm" (ITC logit + ITM log-odds, ALBEF) or "itm" (METER)
+    # top-k score: "itc_itm" (ITC logit + ITM log-odds, ALBEF), "itm" (METER's zero-shot) or "rank" (the
+    # ranking head of retrieval fine-tuning, loss.irtr)
+    rerank: str = "itc_itm"
     batch_size: int = 64
 
 
@@ -189,6 +210,35 @@ class Config:
 
 class ConfigError(ValueError):
     pass
+
+
+# Loss weight sets, by name (`loss.preset`). Each says where its numbers come from; bench/RESULTS.md
+# ("Loss presets") holds the ablation that chose base's default.
+LOSS_PRESETS = {
+    # The paper's stated weights (ITC 0.5 as the released config's con_weight, SCL 1 per term) with
+    # the released code's ITM pairing.
+    "paper": dict(itc=0.5, itm=1.0, mlm=1.0, scl_vision=1.0, scl_text=1.0, itm_pairs="swap"),
+    # What the released code trained on 8 GPUs: its all-gather returns only the local slice in
+    # backward and DDP averages over ranks, so ITC and both SCL gradients are 1/8 of their stated
+    # weights (0.5/8, 1/8). The image SCL term is kept at the text term's weight, as the paper intends.
+    "released": dict(itc=0.0625, itm=1.0, mlm=1.0, scl_vision=0.125, scl_text=0.125, itm_pairs="swap"),
+    # The same, literally: image features [B, 1, D] normalised over the frame axis become sign vectors,
+    # so the released image SCL term has (almost) no gradient.
+    "released_literal": dict(itc=0.0625, itm=1.0, mlm=1.0, scl_vision=0.0, scl_text=0.125, itm_pairs="swap"),
+    # SCL at 0.1 so that ITM keeps the shared fusion when training from scratch (this project's first default).
+    "light_scl": dict(itc=0.5, itm=1.0, mlm=1.0, scl_vision=0.1, scl_text=0.1, itm_pairs="triplet"),
+}
+
+
+def _apply_layer(tree: dict, layer: dict) -> dict:
+    """Merge one config layer (a YAML file or the overrides) into `tree`. A `loss.preset` in the layer
+    first resets the weights to that preset, so keys set beside it or in later layers win over it."""
+    preset = (layer.get("loss") or {}).get("preset") if isinstance(layer.get("loss"), dict) else None
+    if preset is not None:
+        if preset not in LOSS_PRESETS:
+            raise ConfigError(f"loss.preset={preset!r} must be one of {tuple(LOSS_PRESETS)}")
+        tree = _deep_merge(tree, {"loss": LOSS_PRESETS[preset]})
+    return _deep_merge(tree, layer)
 
 
 def _coerce(tp, value, where: str):
@@ -282,12 +332,12 @@ def load_yaml_tree(path: str | Path | None) -> dict:
     if not isinstance(tree, dict):
         raise ConfigError(f"{p}: top level must be a mapping")
     parent = tree.pop("inherit", None)
-    return _deep_merge(load_yaml_tree(parent), tree) if parent else tree
+    return _apply_layer(load_yaml_tree(parent) if parent else {}, tree)
 
 
 def load_config(path: str | Path | None = None, overrides=()) -> Config:
     """Defaults <- YAML (with `inherit:`) <- dotted overrides, validated into a typed Config."""
-    tree = _deep_merge(load_yaml_tree(path), parse_overrides(overrides))
+    tree = _apply_layer(load_yaml_tree(path), parse_overrides(overrides))
     cfg = _coerce(Config, tree, "")
     validate(cfg)
     return cfg
@@ -329,7 +379,14 @@ def validate(cfg: Config) -> None:
     _choice(cfg.loss.itm_negatives, ("hard", "random"), "loss.itm_negatives")
     _choice(cfg.model.scratch_init, ("scaled", "library"), "model.scratch_init")
     _choice(cfg.loss.schedule, ("fused", "naive"), "loss.schedule")
-    _choice(cfg.eval.rerank, ("itc_itm", "itm"), "eval.rerank")
+    _choice(cfg.eval.rerank, ("itc_itm", "itm", "rank"), "eval.rerank")
+    _choice(cfg.loss.preset, tuple(LOSS_PRESETS), "loss.preset")
+    _choice(cfg.loss.itm_pairs, ("triplet", "swap"), "loss.itm_pairs")
+    for key, value in (("model.vision.pretrained", cfg.model.vision.pretrained),
+                       ("model.text.pretrained", cfg.model.text.pretrained)):
+        if not value.strip():
+            raise ConfigError(f"{key} is empty: name the weights (hub name, local file or directory), or "
+                              "set it to none to train this tower from random weights")
     _choice(cfg.task.name, ("", "vqa", "nlvr2", "retrieval"), "task.name")
     _choice(cfg.task.modality, ("image", "video"), "task.modality")
     _choice(cfg.train.precision, ("bf16", "fp16", "fp32"), "train.precision")
@@ -349,6 +406,40 @@ def validate(cfg: Config) -> None:
     for name in ("scl_text_ratio", "scl_patch_ratio", "mlm_prob"):
         if not 0.0 <= getattr(cfg.loss, name) < 1.0:
             raise ConfigError(f"loss.{name} must be in [0, 1)")
+    if cfg.loss.irtr_negatives < 1:
+        raise ConfigError("loss.irtr_negatives must be >= 1")
+    if cfg.loss.irtr > 0 and cfg.task.name != "retrieval":
+        raise ConfigError(f"loss.irtr={cfg.loss.irtr} is retrieval fine-tuning's objective (task.name=retrieval), "
+                          f"not {cfg.task.name or 'pre-training'}'s")
+    t = cfg.train
+    if t.global_batch < 0 or t.grad_accum < 1:
+        raise ConfigError("train.global_batch must be >= 0 and train.grad_accum >= 1")
+    if t.global_batch and t.grad_accum != 1:
+        raise ConfigError(f"train.global_batch={t.global_batch} and train.grad_accum={t.grad_accum} are both set: "
+                          "the accumulation is derived from the global batch; set one of them")
+    if cfg.data.randaugment:
+        from pipeline.data.image import randaugment
+
+        randaugment(cfg.data.randaugment)  # a malformed string fails here, not in a loader worker
+
+
+def accumulation(cfg: Config, world_size: int) -> int:
+    """Micro-batches per optimizer step on each rank: train.global_batch / (data.batch_size x world
+    size) when the global batch is set (it must divide), else train.grad_accum."""
+    t, micro = cfg.train, cfg.data.batch_size
+    if not t.global_batch:
+        return t.grad_accum
+    if t.global_batch % (micro * world_size):
+        raise ConfigError(f"train.global_batch={t.global_batch} is not a multiple of data.batch_size={micro} x "
+                          f"{world_size} ranks = {micro * world_size}: change one of the three")
+    return t.global_batch // (micro * world_size)
+
+
+def batch_line(cfg: Config, world_size: int) -> str:
+    """`global batch 4096 = 16 per rank x 64 ranks x 4 accumulation steps`."""
+    micro, accum = cfg.data.batch_size, accumulation(cfg, world_size)
+    return (f"global batch {micro * world_size * accum} = {micro} per rank x {world_size} ranks x "
+            f"{accum} accumulation steps")
 
 
 # Model keys that shape initialisation or training only: a trained model computes the same without them.
@@ -375,5 +466,10 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what `--print-config` prints and a run writes to config.yaml)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(config_yaml(cfg))

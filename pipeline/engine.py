@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from pipeline import distributed, gradcache
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, accumulation
 from pipeline.gradcache import StepResult
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
@@ -80,11 +80,11 @@ def fill_ds_config(template: dict, cfg: Config, world_size: int) -> dict:
     opt_type = ds.get("optimizer", {}).get("type", "AdamW")
     if opt_type != "AdamW":
         raise ConfigError(f"DeepSpeed config optimizer.type={opt_type!r}: the trainer uses AdamW")
-    micro = cfg.data.batch_size
+    micro, accum = cfg.data.batch_size, accumulation(cfg, world_size)
     _fill(ds, "train_micro_batch_size_per_gpu", micro, "data.batch_size")
-    _fill(ds, "gradient_accumulation_steps", t.grad_accum, "train.grad_accum")
-    _fill(ds, "train_batch_size", micro * t.grad_accum * world_size,
-          f"data.batch_size x train.grad_accum x world size = {micro} x {t.grad_accum} x {world_size}")
+    _fill(ds, "gradient_accumulation_steps", accum, "train.global_batch / train.grad_accum")
+    _fill(ds, "train_batch_size", micro * accum * world_size,
+          f"data.batch_size x accumulation steps x world size = {micro} x {accum} x {world_size}")
     _fill(ds, "gradient_clipping", t.grad_clip, "train.grad_clip")
     _fill(ds, "zero_optimization.stage", t.zero_stage, "train.zero_stage")
     _fill(ds, "bf16.enabled", t.precision == "bf16", f"train.precision={t.precision}")

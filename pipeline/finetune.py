@@ -25,7 +25,7 @@ import logging  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import checkpoint, distributed, trainer  # noqa: E402
-from pipeline.config import Config, ConfigError, load_config  # noqa: E402
+from pipeline.config import Config, ConfigError, config_yaml, load_config  # noqa: E402
 from pipeline.data import load_tokenizer  # noqa: E402
 from pipeline.data.tokenizer import check_tokenizer  # noqa: E402
 from pipeline.tasks import get_task  # noqa: E402
@@ -58,6 +58,8 @@ class Runner:
         self.splits = {s: self.module.read_split(cfg, s) for s in ("train", "val", "test")}
         if not self.splits["train"]:
             raise ConfigError(f"task.train={cfg.task.train!r}: no training records")
+        if hasattr(self.task, "bind_train"):  # a task that draws from the whole split (retrieval's negatives)
+            self.task.bind_train(self.splits["train"])
         self.out = Path(cfg.train.output_dir)
 
     # ---- for trainer.fit
@@ -137,6 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="config name (finetune_vqa, ...) or YAML path")
     p.add_argument("--init", help="pre-training run directory, step_* directory or fp32 file (task.init)")
     p.add_argument("--resume", help="auto | none | a step_* checkpoint directory (train.resume)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. task.train=train.json train.steps=1000")
     return p.parse_intermixed_args(argv)
@@ -150,7 +153,11 @@ def main(argv=None) -> dict:
             overrides.append(f"{key}={flag}")
     logging.basicConfig(level=logging.INFO if distributed.detect().rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    summary = finetune(load_config(args.config, overrides))
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return None
+    summary = finetune(cfg)
     if distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return summary

@@ -12,12 +12,18 @@ import torch
 from pipeline.objectives import IGNORE_INDEX
 
 
-def mlm_mask(ids, maskable, mask_id: int, vocab_size: int, prob: float, generator=None):
+def mlm_mask(ids, maskable, mask_id: int, vocab_size: int, prob: float, generator=None, word_ids=None):
     """BERT's rule: pick `prob` of the maskable tokens; 80% -> mask token, 10% -> random, 10% kept.
+    With `word_ids` ([B, L], the tokenizer's word index of each token, -1 for none) whole words are
+    picked with probability `prob`, every token of a picked word at once.
 
     Returns (input ids, labels) with labels = IGNORE_INDEX at positions not picked.
     """
-    picked = (torch.rand(ids.shape, generator=generator) < prob) & maskable
+    if word_ids is None:
+        picked = (torch.rand(ids.shape, generator=generator) < prob) & maskable
+    else:
+        words = torch.rand(ids.shape[0], max(1, int(word_ids.max()) + 1), generator=generator) < prob
+        picked = words.gather(1, word_ids.clamp(min=0)) & (word_ids >= 0) & maskable
     labels = torch.where(picked, ids, torch.full_like(ids, IGNORE_INDEX))
     roll = torch.rand(ids.shape, generator=generator)
     out = ids.clone()
@@ -54,11 +60,14 @@ def patch_keep(batch: int, num_patches: int, ratio: float, generator=None):
 
 
 def make_masks(batch: dict, cfg, special_ids, mask_id: int, vocab_size: int, num_patches: int,
-               generator=None) -> dict:
-    """Add `mlm_ids`, `mlm_labels`, `scl_ids` and `patch_keep` to a batch holding `text_ids`/`attention_mask`."""
+               generator=None, word_ids=None) -> dict:
+    """Add `mlm_ids`, `mlm_labels`, `scl_ids` and `patch_keep` to a batch holding `text_ids`/`attention_mask`.
+    `word_ids` (the tokenizer's, -1 for none): MLM masks whole words when `cfg.mlm_whole_word`."""
     ids, attn = batch["text_ids"], batch["attention_mask"].bool()
     maskable = attn & ~torch.isin(ids, torch.as_tensor(list(special_ids), dtype=ids.dtype))
-    batch["mlm_ids"], batch["mlm_labels"] = mlm_mask(ids, maskable, mask_id, vocab_size, cfg.mlm_prob, generator)
+    words = word_ids if cfg.mlm_whole_word else None
+    batch["mlm_ids"], batch["mlm_labels"] = mlm_mask(ids, maskable, mask_id, vocab_size, cfg.mlm_prob, generator,
+                                                     words)
     batch["scl_ids"] = scl_text_mask(ids, maskable, mask_id, cfg.scl_text_ratio, generator)
     batch["patch_keep"] = patch_keep(ids.shape[0], num_patches, cfg.scl_patch_ratio, generator)
     return batch

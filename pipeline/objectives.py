@@ -2,6 +2,8 @@
 
     contrastive_loss  symmetric InfoNCE, both directions summed (ITC and SCL)
     contrastive_terms ITC and both SCL terms over the features of one or more micro-batches
+    caption_ranking_itc  image-to-text InfoNCE over every caption of a batch (retrieval fine-tuning)
+    ranking_loss      cross-entropy of each image's caption against its negative captions (irtr)
     itm_loss          binary image-text matching cross-entropy
     mlm_loss          masked language modeling cross-entropy on masked positions only
     mvm_loss          MAE-style regression of normalised pixels on dropped patches
@@ -68,6 +70,26 @@ def contrastive_terms(features: list[dict], weights, scl_temperature: float, gat
     if weights.scl_text > 0:
         out["scl_text"] = contrastive_loss(cat("scl_text_q"), cat("scl_text_k"), scl_temperature, gather)
     return out
+
+
+def caption_ranking_itc(images: torch.Tensor, captions: torch.Tensor, per_image: int, temperature,
+                        gather: bool = True) -> torch.Tensor:
+    """Image-to-text InfoNCE over every caption of the batch (of all ranks with `gather`): `images`
+    [B, D], `captions` [B * per_image, D] where image i's own caption is row i * per_image and the
+    rows after it are its negative captions (METER / SCL retrieval fine-tuning's ITC)."""
+    images = F.normalize(images.float(), dim=-1)
+    captions = F.normalize(captions.float(), dim=-1)
+    offset = 0
+    if gather and distributed.world_size() > 1:
+        captions = distributed.gather_with_grad(captions)
+        offset = distributed.rank() * images.shape[0]
+    labels = (torch.arange(images.shape[0], device=images.device) + offset) * per_image
+    return F.cross_entropy(images @ captions.t() / temperature, labels)
+
+
+def ranking_loss(scores: torch.Tensor) -> torch.Tensor:
+    """[B, 1 + N] match scores, the true caption first: cross-entropy towards column 0 (METER's irtr)."""
+    return F.cross_entropy(scores.float(), torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device))
 
 
 def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -64,14 +64,23 @@ def check_pretraining_inputs(cfg: Config) -> None:
 
 
 def check_model_inputs(cfg: Config) -> None:
-    """Pretrained weight files of the towers."""
+    """Pretrained weights of the towers: local, in the Hugging Face cache, or the hub reachable."""
+    from pipeline.model.pretrained import HUB, HUB_FILE, NONE
+
     v, t = cfg.model.vision, cfg.model.text
-    if v.pretrained not in ("", "hub") and not Path(v.pretrained).is_file():
+    if v.pretrained not in (NONE, HUB) and not Path(v.pretrained).is_file():
         raise ConfigError(f"model.vision.pretrained={v.pretrained!r}: no such file")
-    if v.pretrained == "hub" and not hub_reachable():
-        raise ConfigError(f"model.vision.pretrained=hub ({v.timm_name}): no hub access; "
-                          "download the weights elsewhere and set model.vision.pretrained to the file")
-    if t.pretrained:
+    if v.pretrained == HUB:
+        from timm.models import get_pretrained_cfg
+
+        pcfg = get_pretrained_cfg(v.timm_name)
+        repo = pcfg.hf_hub_id if pcfg is not None else None
+        if not repo:
+            raise ConfigError(f"model.vision.pretrained=hub: timm names no hub weights for {v.timm_name!r}")
+        if not _in_hf_cache(repo, HUB_FILE) and not hub_reachable():
+            raise ConfigError(f"model.vision.pretrained=hub ({repo}/{HUB_FILE}): not in the Hugging Face cache and "
+                              "no hub access; download the file elsewhere and set model.vision.pretrained to it")
+    if t.pretrained != NONE:
         require_local_or_hub(t.pretrained, "model.text.pretrained")
 
 

@@ -22,7 +22,7 @@ import logging  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import distributed, preflight, retrieval, trainer  # noqa: E402
-from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.config import Config, config_yaml, load_config  # noqa: E402
 from pipeline.data import build_train_loader  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 
@@ -52,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="config name (tiny, base) or YAML path")
     p.add_argument("--resume", help="auto | none | a step_* checkpoint directory (overrides train.resume)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     # The deepspeed launcher appends --local_rank; the value is read from LOCAL_RANK instead.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=1000")
@@ -63,7 +64,11 @@ def main(argv=None) -> dict:
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     logging.basicConfig(level=logging.INFO if distributed.detect().rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    summary = train(load_config(args.config, overrides))
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return None
+    summary = train(cfg)
     if distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return summary

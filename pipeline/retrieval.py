@@ -125,8 +125,9 @@ def extract_features(model, items, captions, tokenizer, cfg, device):
 @torch.no_grad()
 def itm_rerank(model, sim, k, query_tokens, cand_tokens, text_is_query, t_mask, device, batch: int,
                mode: str = "itc_itm"):
-    """Re-score each query's top-k candidates: ITM log-odds (`mode="itm"`), or the ITC logit
-    (cosine / temperature) plus the ITM log-odds (`"itc_itm"`). Queries split over ranks, rows gathered."""
+    """Re-score each query's top-k candidates: ITM log-odds (`mode="itm"`), the ITC logit (cosine /
+    temperature) plus the ITM log-odds (`"itc_itm"`), or the ranking head of retrieval fine-tuning
+    (`"rank"`, METER's). Queries split over ranks, rows gathered."""
     if k <= 0:
         return sim
     temp = float(model.temperature())
@@ -140,8 +141,11 @@ def itm_rerank(model, sim, k, query_tokens, cand_tokens, text_is_query, t_mask, 
         text = (query_tokens if text_is_query else cand_tokens)[t_idx]
         vision = (cand_tokens if text_is_query else query_tokens)[v_idx]
         fused = model.fuse(text.to(device, dtype), t_mask[t_idx].to(device), vision.to(device, dtype))
-        logits = model.itm_logits(fused).float()
-        s = (logits[:, 1] - logits[:, 0]).view(len(chunk), -1).cpu()
+        if mode == "rank":
+            s = model.rank_logits(fused).float().view(len(chunk), -1).cpu()
+        else:
+            logits = model.itm_logits(fused).float()
+            s = (logits[:, 1] - logits[:, 0]).view(len(chunk), -1).cpu()
         if mode == "itc_itm":
             s = s + sim[torch.tensor(chunk)[:, None], top[chunk]] / temp
         for j, r in enumerate(chunk):
@@ -153,7 +157,8 @@ def itm_rerank(model, sim, k, query_tokens, cand_tokens, text_is_query, t_mask, 
 @torch.no_grad()
 def evaluate_retrieval(model, samples, tokenizer, cfg, device=None, rerank_k=None) -> dict:
     """R@k both ways on (key, pixels, captions) samples: `itc_*` from ITC alone, and with k > 0
-    `itc_itm_*` (ITC + ITM on the top k) and `itm_*` (ITM alone on the top k)."""
+    `itc_itm_*` (ITC + ITM on the top k), `itm_*` (ITM alone on the top k) and, for a model with a
+    ranking head (retrieval fine-tuning), `rank_*`."""
     device = device or next(model.parameters()).device
     rerank_k = cfg.eval.itm_rerank_k if rerank_k is None else rerank_k
     was_training = model.training
@@ -171,7 +176,8 @@ def evaluate_retrieval(model, samples, tokenizer, cfg, device=None, rerank_k=Non
     sim = v_feat @ t_feat.t()
     metrics = {"itc_" + k: v for k, v in recall_at_k(sim, sim.t(), txt2img).items()}
     if rerank_k > 0:
-        for mode in ("itc_itm", "itm"):
+        modes = ("itc_itm", "itm") + (("rank",) if getattr(model, "rank_head", None) is not None else ())
+        for mode in modes:
             i2t = itm_rerank(model, sim, rerank_k, v_tok, t_tok, False, t_mask, device, cfg.eval.batch_size, mode)
             t2i = itm_rerank(model, sim.t(), rerank_k, t_tok, v_tok, True, t_mask, device, cfg.eval.batch_size, mode)
             metrics.update({f"{mode}_{k}": v for k, v in recall_at_k(i2t, t2i, txt2img).items()})

@@ -96,9 +96,10 @@ def train_concepts(cfg, steps: int, batch_size: int = 32, seed: int = 0, task_se
     with `train.contrastive_accum`), in one process (no DeepSpeed). Returns (model, task, history),
     history a list of per-step {loss name: value}."""
     from pipeline import engine, gradcache
+    from pipeline.config import accumulation
     from pipeline.model import build_model
 
-    tc = cfg.train
+    tc, accum = cfg.train, accumulation(cfg, 1)
     torch.manual_seed(seed)
     model = build_model(cfg).train()
     opt = torch.optim.AdamW(engine.param_groups(model, tc), betas=tc.betas)
@@ -106,12 +107,12 @@ def train_concepts(cfg, steps: int, batch_size: int = 32, seed: int = 0, task_se
     task = ConceptTask(cfg, seed=task_seed)
     g = torch.Generator().manual_seed(seed + 1)
     forward = lambda batch, **kw: model(batch, generator=g, **kw)  # noqa: E731
-    backward = lambda loss: (loss / tc.grad_accum).backward()  # noqa: E731  (as DeepSpeed scales it)
+    backward = lambda loss: (loss / accum).backward()  # noqa: E731  (as DeepSpeed scales it)
     history = []
     for step in range(steps):
-        batches = [task.batch(batch_size, g) for _ in range(tc.grad_accum)]
+        batches = [task.batch(batch_size, g) for _ in range(accum)]
         opt.zero_grad(set_to_none=True)
-        if tc.contrastive_accum and tc.grad_accum > 1:
+        if tc.contrastive_accum and accum > 1:
             # one process: "true on any rank" is the flag itself
             losses = gradcache.accumulate(forward, backward, batches, cfg.loss, any_rank=bool).losses
         else:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline import checkpoint, distributed, engine as engine_lib, runtime
-from pipeline.config import Config, dump_config, to_dict
+from pipeline.config import Config, accumulation, batch_line, dump_config, to_dict
 from pipeline.monitor import Monitor, Window, batch_tokens, console_line, gather_counters
 
 log = logging.getLogger("pipeline.trainer")
@@ -143,9 +143,11 @@ def _fit(cfg, env, tag_dir, weights_dir, ds_config, make_model, make_loader, eva
     engine = engine_lib.initialize(make_model(), cfg, ds_config)
     seed_everything(tc.seed + env.rank)  # per-rank ITM negatives and dropout
     loader = make_loader(env.rank, env.world_size)
+    accum = accumulation(cfg, env.world_size)  # derived anew at every start: an elastic resume keeps the global batch
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
+        print(batch_line(cfg, env.world_size), flush=True)
 
     step, skipped = 0, 0
     if tag_dir is not None:
@@ -181,13 +183,13 @@ def _fit(cfg, env, tag_dir, weights_dir, ds_config, make_model, make_loader, eva
     patch = cfg.model.vision.patch_size
     batches = _batches(loader)
     # Contrastive accumulation takes a step's micro-batches together (pipeline/gradcache.py).
-    group_size = tc.grad_accum if tc.contrastive_accum else 1
+    group_size = accum if tc.contrastive_accum else 1
     saved_at, stopped_early = step if tag_dir is not None else -1, False
     try:
         while step < tc.steps:
             lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
             t_step, data_s, applied = time.perf_counter(), 0.0, 0
-            while applied < tc.grad_accum:  # one optimizer step = grad_accum finite micro-batches
+            while applied < accum:  # one optimizer step = `accum` finite micro-batches
                 t = time.perf_counter()
                 group = [next(batches) for _ in range(group_size)]
                 data_s += time.perf_counter() - t
@@ -241,6 +243,7 @@ def _fit(cfg, env, tag_dir, weights_dir, ds_config, make_model, make_loader, eva
         monitor.close()
     _checkpoint_requested.clear()
     summary = {"step": step, "nonfinite_skipped": guard.total, "stopped_early": stopped_early,
+               "global_batch": cfg.data.batch_size * env.world_size * accum, "accumulation": accum,
                "checkpoint": str(checkpoint.checkpoint_root(out) / checkpoint.tag_for(saved_at)) if saved_at >= 0
                else None, "best": keep_best.record}
     if finish is not None and not stopped_early:

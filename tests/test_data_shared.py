@@ -14,7 +14,7 @@ from webdataset import TarWriter
 
 from data_fixtures import tiny_config
 from pipeline.data import build_eval_samples, build_train_loader, train_tokenizer
-from pipeline.data.image import center_crop_box, crop_resize, random_crop_box
+from pipeline.data.image import Augment, center_crop_box, crop_resize, random_crop_box
 from pipeline.data.video import decode_video, frame_indices
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -106,6 +106,6 @@ def test_webvid_seeking_decoder_matches_sequential_decoding(webvid):
             frames = {i: f.to_image() for i, f in enumerate(c.decode(c.streams.video[0])) if i <= max(idx)}
         assert n > 100 and all(i in frames for i in idx)
         size = frames[idx[0]].size
-        box = center_crop_box(*size) if ref_rng is None else random_crop_box(*size, (0.5, 1.0), ref_rng)
+        box = center_crop_box(*size) if ref_rng is None else random_crop_box(*size, Augment().scale, ref_rng)
         want = np.stack([crop_resize([frames[i]], box, 48)[0] for i in idx])
         assert np.array_equal(got, want)

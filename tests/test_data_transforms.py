@@ -55,7 +55,7 @@ def test_large_jpeg_uses_draft_and_keeps_content():
     x = decode_image(big, 64, random.Random(0))
     assert x.shape == (3, 64, 64) and abs(grey_of(x) - 200) < 3
     img = Image.open(io.BytesIO(big))
-    img.draft("RGB", (91, 91))  # what decode_image asks for at 64 px and scale 0.5
+    img.draft("RGB", (72, 72))  # what decode_image asks for at 64 px and the default scale 0.8
     assert img.size[0] < 1600  # so the JPEG really was decoded at a reduced scale
 
 

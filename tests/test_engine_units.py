@@ -49,7 +49,7 @@ def test_ds_config_mismatch_names_both_values(cfg):
         engine.fill_ds_config(template, cfg, world_size=2)
     template = engine.load_ds_config(cfg)
     template["train_batch_size"] = 36
-    with pytest.raises(ConfigError, match=r"train_batch_size=36 .* gives 72 \(data.batch_size x train.grad_accum "
+    with pytest.raises(ConfigError, match=r"train_batch_size=36 .* gives 72 \(data.batch_size x accumulation steps "
                                           r"x world size = 6 x 3 x 4\)"):
         engine.fill_ds_config(template, cfg, world_size=4)
     c = load_config("tiny", ["train.zero_stage=2", "train.ds_config=zero3_bf16.json"])

@@ -150,7 +150,8 @@ def test_base_names_the_openai_quickgelu_clip_tower():
     pcfg = get_pretrained_cfg(base.timm_name)
     assert pcfg.tag == "openai" and pcfg.hf_hub_id.endswith(".openai"), pcfg
     # The same architecture name at a small geometry (no download) has QuickGELU activations.
-    small = load_config("base", ["model.vision.width=64", "model.vision.heads=2", "model.vision.depth=1",
+    small = load_config("base", ["model.vision.pretrained=none", "model.vision.width=64", "model.vision.heads=2",
+                                 "model.vision.depth=1",
                                  "model.vision.image_size=32", "model.vision.patch_size=8"]).model.vision
     vit = FlexibleViT(small)
     assert isinstance(vit.blocks[0].mlp.act, QuickGELU)

@@ -45,7 +45,7 @@ class EvalSamples:
             if self.num_samples is not None and count >= self.num_samples:
                 return
             try:
-                pixels, captions = decode_sample(raw, self.modality, size, frames, None, d.crop_scale)
+                pixels, captions = decode_sample(raw, self.modality, size, frames, None)
             except BadSample as bad:
                 skips.add(bad.reason, f"{raw.label()}: {bad}")
                 continue

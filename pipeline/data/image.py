@@ -2,12 +2,15 @@
 
 Both transforms are one PIL `resize(box=...)` call: the crop box is chosen on the source image and
 PIL resamples only that region to the target size. The same box logic serves every frame of a video.
+Training may add a horizontal flip (every frame alike) and, for images, timm's RandAugment (`Augment`).
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,6 +27,56 @@ _INV_STD_255 = (1 / (CLIP_STD * 255)).reshape(3)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 Box = tuple[float, float, float, float]
+
+# timm's RandAugment operations without Invert, as the released fine-tuning's RandAugment list.
+RANDAUGMENT_OPS = ("AutoContrast", "Equalize", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color", "Contrast",
+                   "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+
+@dataclass(frozen=True)
+class Augment:
+    """A training sample's augmentation (evaluation uses none: resize + centre crop).
+    `scale`: RandomResizedCrop's area range; `hflip`: flip half the samples; `randaugment`: a timm
+    RandAugment config string for images ("" = off)."""
+    scale: tuple[float, float] = (0.8, 1.0)
+    hflip: bool = False
+    randaugment: str = ""
+
+    @classmethod
+    def of(cls, data_cfg) -> "Augment":
+        return cls(tuple(data_cfg.crop_scale), data_cfg.hflip, data_cfg.randaugment)
+
+
+class _KeyedRandAugment:
+    """timm's RandAugment drawn from a sample's own generator: timm draws from the global `random`
+    and NumPy states, so they are seeded from `rng` for the call and restored after it (a resumed
+    run augments alike, and the trainer's global RNG is left as it was)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> Image.Image:
+        saved = random.getstate(), np.random.get_state()
+        seed = rng.getrandbits(32)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            return self.transform(img)
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+
+
+@functools.lru_cache(maxsize=8)
+def randaugment(config: str) -> _KeyedRandAugment:
+    """timm's RandAugment for a config string such as "rand-m3-n2-p1.0" (ValueError when malformed)."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    try:
+        return _KeyedRandAugment(rand_augment_transform(config, None, transforms=list(RANDAUGMENT_OPS)))
+    except (AssertionError, ValueError, IndexError) as err:
+        raise ValueError(f"data.randaugment={config!r} is not a timm RandAugment string such as "
+                         f"'rand-m3-n2-p1.0' ({type(err).__name__}: {err})") from None
 
 
 def random_crop_box(width: int, height: int, scale: tuple[float, float], rng: random.Random,
@@ -48,14 +101,17 @@ def center_crop_box(width: int, height: int) -> Box:
     return (left, top, left + side, top + side)
 
 
-def crop_resize(images: list[Image.Image], box: Box, size: int) -> np.ndarray:
-    """Crop `box` from every frame, resize to size x size, normalise -> float32 [T, 3, size, size].
+def crop_resize(images: list[Image.Image], box: Box, size: int, flip: bool = False) -> np.ndarray:
+    """Crop `box` from every frame, resize to size x size (mirrored left-right when `flip`),
+    normalise -> float32 [T, 3, size, size].
 
     NumPy rather than torch: torch's intra-op threads make these small per-sample ops ~100x
     slower when the cores are busy (and the loader runs exactly where they are). Normalised per
     channel on all frames at once: broadcasting over a last axis of 3 is several times slower.
     """
     pixels = np.stack([np.asarray(img.resize((size, size), Image.BICUBIC, box=box)) for img in images])
+    if flip:
+        pixels = pixels[:, :, ::-1]
     chw = pixels.transpose(0, 3, 1, 2)  # [T, 3, H, W], a view of the uint8 pixels
     out = np.empty(chw.shape, np.float32)
     for c in range(3):
@@ -78,18 +134,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_image(data: bytes, size: int, rng: random.Random | None = None,
-                 scale: tuple[float, float] = (0.5, 1.0)) -> torch.Tensor:
-    """Encoded image -> [3, size, size]; random crop when `rng` is given, else centre crop (eval).
+def augmented_crop(images: list[Image.Image], size: int, rng: random.Random | None, aug: Augment) -> np.ndarray:
+    """The crop (random with `rng`, else centred) and flip of a sample's frames -> [T, 3, size, size]."""
+    if rng is None:
+        return crop_resize(images, center_crop_box(*images[0].size), size)
+    box = random_crop_box(*images[0].size, aug.scale, rng)
+    return crop_resize(images, box, size, flip=aug.hflip and rng.random() < 0.5)
+
+
+def decode_image(data: bytes, size: int, rng: random.Random | None = None, aug: Augment = Augment()) -> torch.Tensor:
+    """Encoded image -> [3, size, size]; augmented when `rng` is given, else centre crop (eval).
 
     JPEGs are decoded at a reduced scale (PIL `draft`) when even the smallest training crop would
     still cover `size` pixels, which saves most of the decode time for large photos.
     """
     img = Image.open(io.BytesIO(data))
     if img.format == "JPEG":
-        need = math.ceil(size / math.sqrt(scale[0])) if rng is not None else size
+        need = math.ceil(size / math.sqrt(aug.scale[0])) if rng is not None else size
         img.draft("RGB", (need, need))
     img.load()  # the full decode: corrupt data raises here
     img = to_rgb(img)
-    box = random_crop_box(*img.size, scale, rng) if rng is not None else center_crop_box(*img.size)
-    return torch.from_numpy(crop_resize([img], box, size)[0])
+    if rng is not None and aug.randaugment:
+        img = randaugment(aug.randaugment)(img, rng)
+    return torch.from_numpy(augmented_crop([img], size, rng, aug)[0])

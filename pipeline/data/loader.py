@@ -25,11 +25,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import Config, validate
+from pipeline.data.image import Augment
 from pipeline.data.samples import BadSample, decode_sample
 from pipeline.data.schedule import derive_seed, epoch_schedule
 from pipeline.data.shards import (DataError, SampleStream, Skips, Source, count_distinct, ranges_to_segments,
                                   resolve_source)
-from pipeline.data.tokenizer import check_tokenizer, load_tokenizer
+from pipeline.data.tokenizer import check_tokenizer, encode, load_tokenizer
 from pipeline.masking import make_masks
 
 log = logging.getLogger("pipeline.data")
@@ -44,6 +45,7 @@ class _EpochBatches(IterableDataset):
         self.steps, self.source_steps = loader.steps_per_epoch, loader.source_steps
         self.epoch, self.start, self.cursors = epoch, start, cursors
         self.schedule = loader.schedule(epoch)
+        self.augment = Augment.of(self.cfg.data)
         # Steps per (source, slot): over the epoch, and before `start` (what a resume skips).
         self.slot_steps = Counter((src, s % self.slots) for s, src in enumerate(self.schedule))
         self.slot_steps_done = Counter((src, s % self.slots) for s, src in enumerate(self.schedule[:start]))
@@ -105,7 +107,7 @@ class _EpochBatches(IterableDataset):
             while True:
                 raw, cursor = next(samples)
                 try:
-                    px, caps = decode_sample(raw, source.modality, size, frames, rng, d.crop_scale)
+                    px, caps = decode_sample(raw, source.modality, size, frames, rng, self.augment)
                     break
                 except BadSample as bad:
                     skips.add(bad.reason, f"{raw.label()}: {bad}", item=raw.item)
@@ -113,11 +115,9 @@ class _EpochBatches(IterableDataset):
             pixels.append(px)
             captions.append(caps[rng.randrange(len(caps))])
             keys.append(raw.key)
-        text = tok(captions, max_length=cfg.model.text.max_len, truncation=True, padding="max_length",
-                   return_tensors="pt")
-        batch = {"pixels": torch.stack(pixels), "text_ids": text["input_ids"].long(),
-                 "attention_mask": text["attention_mask"].long()}
-        batch.update(self._masks(batch, step, (size // cfg.model.vision.patch_size) ** 2))
+        text = encode(tok, captions, cfg.model.text.max_len)
+        batch = {"pixels": torch.stack(pixels), "text_ids": text["text_ids"], "attention_mask": text["attention_mask"]}
+        batch.update(self._masks(batch, text["word_ids"], step, (size // cfg.model.vision.patch_size) ** 2))
         # itm_seed keys the step's ITM negatives like the masks: a resumed run draws the same ones.
         batch.update(modality=source.modality, source=source.name, keys=keys, step=step,
                      itm_seed=derive_seed("itm", d.seed, self.epoch, self.rank, step),
@@ -125,7 +125,7 @@ class _EpochBatches(IterableDataset):
                      position={"slot": slot, "source": source.name, "cursor": list(cursor)})
         return batch
 
-    def _masks(self, batch: dict, step: int, num_patches: int) -> dict:
+    def _masks(self, batch: dict, word_ids, step: int, num_patches: int) -> dict:
         """MLM / SCL / patch masks drawn per sample, each from its own keyed generator."""
         d, tok = self.cfg.data, self.tokenizer
         rows = []
@@ -134,7 +134,7 @@ class _EpochBatches(IterableDataset):
                                                           step * d.batch_size + i))
             one = {k: batch[k][i:i + 1] for k in ("text_ids", "attention_mask")}
             rows.append(make_masks(one, self.cfg.loss, tok.all_special_ids, tok.mask_token_id, len(tok),
-                                   num_patches, g))
+                                   num_patches, g, word_ids[i:i + 1]))
         return {k: torch.cat([r[k] for r in rows]) for k in ("mlm_ids", "mlm_labels", "scl_ids", "patch_keep")}
 
 

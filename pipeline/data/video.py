@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data.image import center_crop_box, crop_resize, random_crop_box, to_rgb
+from pipeline.data.image import Augment, augmented_crop, to_rgb
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
 FRAME_RE = re.compile(r"^frame(\d+)\.(?:jpg|jpeg|png|webp)$")
@@ -80,8 +80,8 @@ def _decode_at(container, stream, targets: list[int], keys: list[int]) -> dict:
 
 
 def decode_video(data: bytes, frames: int, size: int, rng: random.Random | None = None,
-                 scale: tuple[float, float] = (0.5, 1.0)) -> torch.Tensor:
-    """Encoded video -> [frames, 3, size, size], random crop + random frames when `rng` is given."""
+                 aug: Augment = Augment()) -> torch.Tensor:
+    """Encoded video -> [frames, 3, size, size], augmented crop + random frames when `rng` is given."""
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
         # One thread: FFmpeg's default (a thread per core) costs more in start-up and hand-offs than it
@@ -92,7 +92,7 @@ def decode_video(data: bytes, frames: int, size: int, rng: random.Random | None 
             raise ValueError("no video frames")
         targets = [pts[i] for i in frame_indices(len(pts), frames, rng)]
         images = _decode_at(container, stream, sorted(set(targets)), keys)
-    return _to_tensor([images[t] for t in targets], size, rng, scale)
+    return torch.from_numpy(augmented_crop([images[t] for t in targets], size, rng, aug))
 
 
 def stored_frames(files: dict[str, bytes]) -> dict[int, bytes]:
@@ -106,7 +106,7 @@ def stored_frames(files: dict[str, bytes]) -> dict[int, bytes]:
 
 
 def decode_frames(stored: dict[int, bytes], frames: int, size: int, rng: random.Random | None = None,
-                  scale: tuple[float, float] = (0.5, 1.0)) -> torch.Tensor:
+                  aug: Augment = Augment()) -> torch.Tensor:
     """Stored frames 0..K-1 -> [frames, 3, size, size]: the same choice as a K-frame clip, decoding
     only the frames chosen. A gap in the numbering (a lost member) would shift the timing: an error."""
     if sorted(stored) != list(range(len(stored))):
@@ -119,12 +119,4 @@ def decode_frames(stored: dict[int, bytes], frames: int, size: int, rng: random.
         images[i] = to_rgb(img)
     if len({img.size for img in images.values()}) > 1:
         raise ValueError(f"stored frames differ in size: {sorted({img.size for img in images.values()})}")
-    return _to_tensor([images[i] for i in chosen], size, rng, scale)
-
-
-def _to_tensor(images: list[Image.Image], size: int, rng: random.Random | None,
-               scale: tuple[float, float]) -> torch.Tensor:
-    """One crop box (drawn on the first frame) resized to size x size for every frame, CLIP-normalised."""
-    first = images[0]
-    box = random_crop_box(*first.size, scale, rng) if rng is not None else center_crop_box(*first.size)
-    return torch.from_numpy(crop_resize(images, box, size))
+    return torch.from_numpy(augmented_crop([images[i] for i in chosen], size, rng, aug))

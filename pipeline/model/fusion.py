@@ -54,10 +54,12 @@ class CoAttentionFusion(nn.Module):
         self.text_layers = nn.ModuleList(CrossLayer(dim, heads, mlp_ratio, dropout) for _ in range(layers))
         self.vision_layers = nn.ModuleList(CrossLayer(dim, heads, mlp_ratio, dropout) for _ in range(layers))
 
-    def forward(self, text, text_mask, vision):
-        """text [B, Lt, Dt] with text_mask [B, Lt] (True = real token); vision [B, Lv, Dv] (no padding)."""
+    def forward(self, text, text_mask, vision, vision_type=1):
+        """text [B, Lt, Dt] with text_mask [B, Lt] (True = real token); vision [B, Lv, Dv] (no padding);
+        `vision_type`: the vision tokens' token type, an int or a [B] tensor (text tokens are type 0)."""
         t = self.text_in(text) + self.token_type.weight[0]
-        v = self.vision_in(vision) + self.token_type.weight[1]
+        types = self.token_type.weight[vision_type]
+        v = self.vision_in(vision) + (types if types.dim() == 1 else types[:, None])
         text_mask = text_mask.bool()
         for t_layer, v_layer in zip(self.text_layers, self.vision_layers):
             t, v = t_layer(t, text_mask, v, None), v_layer(v, None, t, text_mask)

@@ -59,9 +59,10 @@ class SCLModel(nn.Module):
         self.text_pooler, self.vision_pooler = Pooler(d), Pooler(d)
         self.itm_head = nn.Linear(2 * d, 2)
         self.mlm_head = MLMHead(d, mc.text.vocab_size)
-        # The reference's ITC projection (Linear-LN-GELU-Linear), trained at the backbone rate.
-        self.text_proj = ProjectionHead(self.text.width, mc.itc_dim)
-        self.vision_proj = ProjectionHead(self.vision.width, mc.itc_dim)
+        # The reference's ITC projection (Linear-LN-GELU-Linear) on the fusion's input projections of
+        # the global tokens (so ITC trains those too), at the backbone rate.
+        self.text_proj = ProjectionHead(d, mc.itc_dim)
+        self.vision_proj = ProjectionHead(d, mc.itc_dim)
         new = [self.fusion, self.text_pooler, self.vision_pooler, self.itm_head, self.mlm_head]
         self.mvm_decoder = None
         if cfg.loss.mvm > 0:
@@ -70,15 +71,15 @@ class SCLModel(nn.Module):
             new.append(self.mvm_decoder)
         for m in new:
             init_fusion_weights(m, d, mc.fusion.init_std)
-        init_fusion_weights(self.text_proj, self.text.width, mc.fusion.init_std)
-        init_fusion_weights(self.vision_proj, self.vision.width, mc.fusion.init_std)
+        init_fusion_weights(self.text_proj, d, mc.fusion.init_std)
+        init_fusion_weights(self.vision_proj, d, mc.fusion.init_std)
         # A tower trained from scratch gets the same rule: at std 0.02 (timm's and BERT's) a narrow
         # tower's CLS output is the same vector for every input (cosine 1.0000 across a batch at
         # width 64), so ITC starts on a plateau it may never leave (bench/RESULTS.md, tower init).
         if mc.scratch_init == "scaled":
-            if not mc.vision.pretrained:
+            if mc.vision.pretrained == "none":
                 init_fusion_weights(self.vision, self.vision.width, mc.fusion.init_std)
-            if not mc.text.pretrained:
+            if mc.text.pretrained == "none":
                 init_fusion_weights(self.text, self.text.width, mc.fusion.init_std)
         # Shape [1], not 0-dim: DeepSpeed broadcasts parameters through a byte view that 0-dim tensors lack.
         self.itc_temp = nn.Parameter(torch.full((1,), mc.itc_temp_init))
@@ -91,20 +92,25 @@ class SCLModel(nn.Module):
         return self.text(ids, attention_mask)
 
     def itc_features(self, vision_tokens=None, text_tokens=None):
-        """Unimodal global features for ITC: mean of the frame CLS tokens / the text CLS, projected."""
-        v = self.vision_proj(vision_tokens[:, :, 0].mean(1)) if vision_tokens is not None else None
-        t = self.text_proj(text_tokens[:, 0]) if text_tokens is not None else None
+        """Unimodal global features for ITC: the mean of the frame CLS tokens / the text CLS, through the
+        fusion's input projection (the released code's cross_modal_*_transform), then the ITC head."""
+        v = t = None
+        if vision_tokens is not None:
+            v = self.vision_proj(self.fusion.vision_in(vision_tokens[:, :, 0].mean(1)))
+        if text_tokens is not None:
+            t = self.text_proj(self.fusion.text_in(text_tokens[:, 0]))
         return v, t
 
     def temperature(self):
         return self.itc_temp.clamp(0.001, 0.5).squeeze(0)
 
-    def fuse(self, text_tokens, text_mask, vision_tokens):
+    def fuse(self, text_tokens, text_mask, vision_tokens, vision_type=1):
         """Co-attention over a pair. Returns the fused token streams, the raw fused global tokens
         (`text_cls` [B, D], `frame_cls` [B, T, D]: what SCL completes) and the pooled features
-        (`text_pooled`, `vision_pooled`: what ITM reads)."""
+        (`text_pooled`, `vision_pooled`: what ITM reads). `vision_type`: the vision tokens' token type
+        (an int, or one per row; NLVR2 gives its second image type 2)."""
         b, t, n, c = vision_tokens.shape
-        ft, fv = self.fusion(text_tokens, text_mask, vision_tokens.reshape(b, t * n, c))
+        ft, fv = self.fusion(text_tokens, text_mask, vision_tokens.reshape(b, t * n, c), vision_type)
         frame_cls = fv.reshape(b, t, n, -1)[:, :, 0]
         return {"text": ft, "vision": fv, "text_cls": ft[:, 0], "frame_cls": frame_cls,
                 "text_pooled": self.text_pooler(ft[:, 0]),
@@ -148,11 +154,24 @@ class SCLModel(nn.Module):
         return obj.sample_itm_negatives(sim, self.loss_cfg.itm_negatives, generator,
                                         temperature=self.temperature().detach())
 
-    def _itm_loss(self, pos, neg_t, neg_v):
-        logits = torch.cat([self.itm_logits(pos), self.itm_logits(neg_t), self.itm_logits(neg_v)])
-        b = logits.shape[0] // 3
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
-        return obj.itm_loss(logits, labels)
+    def _itm_pairs(self, feats, t, mask, v, generator):
+        """The ITM fusion inputs and their 0/1 labels (`loss.itm_pairs`):
+        triplet  every pair, its text with another image and its image with another text (1:2);
+        swap     a random half of the pairs keep their image, the rest get another one (1:1, the
+                 released code's; its other image is a random one, here one of the batch)."""
+        neg_t, neg_v = self._itm_negatives(self._itc_similarity(feats["itc_vision"], feats["itc_text"]), generator)
+        b = t.shape[0]
+        if self.loss_cfg.itm_pairs == "triplet":
+            labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(t.device)
+            return [(t, mask, v), (t[neg_t], mask[neg_t], v), (t, mask, v[neg_v])], labels
+        where = generator.device if generator is not None else t.device
+        keep = torch.zeros(b, dtype=torch.long, device=t.device)
+        keep[torch.randperm(b, generator=generator, device=where)[:b // 2].to(t.device)] = 1
+        images = torch.where(keep.bool(), torch.arange(b, device=t.device), neg_v)
+        return [(t, mask, v[images])], keep
+
+    def _itm_loss(self, fused: list[dict], labels):
+        return obj.itm_loss(torch.cat([self.itm_logits(f) for f in fused]), labels)
 
     def _mlm_loss(self, fused, labels):
         sel = labels != obj.IGNORE_INDEX
@@ -233,19 +252,17 @@ class SCLModel(nn.Module):
             losses = {"contrastive_surrogate": surrogate, "cache_drift": drift}
 
         # Every other fusion pass of the intact image runs as one concatenated batch.
-        pairs, names = [], []
+        pairs, itm_labels = [], None
         if self._want("itm"):
-            neg_t, neg_v = self._itm_negatives(self._itc_similarity(feats["itc_vision"], feats["itc_text"]),
-                                               generator)
-            pairs += [(t, mask, v), (t[neg_t], mask[neg_t], v), (t, mask, v[neg_v])]
-            names += ["clean", "neg_t", "neg_v"]
+            pairs, itm_labels = self._itm_pairs(feats, t, mask, v, generator)
+        n_itm = len(pairs)
         if self._want("mlm"):
-            pairs.append((texts["mlm_ids"], mask, v)), names.append("mlm")
-        fused = dict(zip(names, self._fuse_many(pairs))) if pairs else {}
+            pairs.append((texts["mlm_ids"], mask, v))
+        fused = self._fuse_many(pairs) if pairs else []
         if self._want("itm"):
-            losses["itm"] = self._itm_loss(fused["clean"], fused["neg_t"], fused["neg_v"])
+            losses["itm"] = self._itm_loss(fused[:n_itm], itm_labels)
         if self._want("mlm"):
-            losses["mlm"] = self._mlm_loss(fused["mlm"], batch["mlm_labels"])
+            losses["mlm"] = self._mlm_loss(fused[n_itm], batch["mlm_labels"])
         if self._want("mvm"):
             v_m = v_m if v_m is not None else self.encode_vision(pixels, batch["patch_keep"])
             losses["mvm"] = self._mvm_loss(pixels, v_m, batch["patch_keep"])
@@ -264,11 +281,8 @@ class SCLModel(nn.Module):
                                             self.fuse(enc_t("scl_ids"), mask, enc_v())))
         losses = obj.contrastive_terms([feats], self.loss_cfg, self.loss_cfg.scl_temperature)
         if self._want("itm"):
-            neg_t, neg_v = self._itm_negatives(self._itc_similarity(feats["itc_vision"], feats["itc_text"]),
-                                               generator)
-            t, v = enc_t(), enc_v()
-            losses["itm"] = self._itm_loss(self.fuse(t, mask, v), self.fuse(t[neg_t], mask[neg_t], v),
-                                           self.fuse(t, mask, v[neg_v]))
+            pairs, labels = self._itm_pairs(feats, enc_t(), mask, enc_v(), generator)
+            losses["itm"] = self._itm_loss([self.fuse(*p) for p in pairs], labels)
         if self._want("mlm"):
             losses["mlm"] = self._mlm_loss(self.fuse(enc_t("mlm_ids"), mask, enc_v()), batch["mlm_labels"])
         if self._want("mvm"):

@@ -1,16 +1,18 @@
-"""RoBERTa text encoder from transformers: built from the config here, or `from_pretrained` on a cluster."""
+"""RoBERTa text encoder from transformers: `from_pretrained` (model.text.pretrained), or built from the
+config's geometry with random weights (`pretrained: none`)."""
 from __future__ import annotations
 
 import torch.nn as nn
 from transformers import RobertaConfig, RobertaModel
 
+from pipeline.model import pretrained
+
 
 class TextEncoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        if cfg.pretrained:
-            self.roberta = RobertaModel.from_pretrained(cfg.pretrained, add_pooling_layer=False,
-                                                        attn_implementation="sdpa")
+        if cfg.pretrained != pretrained.NONE:
+            self.roberta, _ = pretrained.load_text(cfg)
         else:
             conf = RobertaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden,
                                  num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,

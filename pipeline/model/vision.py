@@ -17,6 +17,8 @@ import torch.nn.functional as F
 import timm
 from timm.layers import resample_abs_pos_embed
 
+from pipeline.model import pretrained
+
 
 def frame_attention_mask(frames: int, tokens_per_frame: int, device=None) -> torch.Tensor:
     """Bool [T*L, T*L], True where query i may attend key j (same frame, or i is a frame CLS)."""
@@ -62,16 +64,13 @@ class FlexibleViT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        if cfg.depth > cfg.pretrained_depth and cfg.pretrained:
+        if cfg.depth > cfg.pretrained_depth and cfg.pretrained != pretrained.NONE:
             raise ValueError(f"model.vision.depth={cfg.depth} > pretrained_depth={cfg.pretrained_depth}")
-        # Pretrained weights hold all `pretrained_depth` blocks: load them all, then keep `depth`.
-        # timm resamples the positional embedding (bicubic) to img_size while loading.
-        overlay = {"file": cfg.pretrained} if cfg.pretrained not in ("", "hub") else {}
-        vit = timm.create_model(cfg.timm_name, pretrained=bool(cfg.pretrained), pretrained_cfg_overlay=overlay,
-                                num_classes=0, img_size=cfg.image_size, dynamic_img_size=True,
-                                drop_path_rate=cfg.drop_path, patch_size=cfg.patch_size, embed_dim=cfg.width,
-                                num_heads=cfg.heads, depth=cfg.pretrained_depth if cfg.pretrained else cfg.depth)
-        vit.blocks = vit.blocks[:cfg.depth]
+        vit = timm.create_model(cfg.timm_name, pretrained=False, num_classes=0, img_size=cfg.image_size,
+                                dynamic_img_size=True, drop_path_rate=cfg.drop_path, patch_size=cfg.patch_size,
+                                embed_dim=cfg.width, num_heads=cfg.heads, depth=cfg.depth)
+        if cfg.pretrained != pretrained.NONE:  # the first `depth` blocks; the positions resampled to image_size
+            pretrained.load_vision(vit, cfg)
         if vit.cls_token is None or getattr(vit, "no_embed_class", False) or vit.num_prefix_tokens != 1:
             raise ValueError(f"{cfg.timm_name}: need exactly one class token with its own position embedding")
         self.patch_embed, self.cls_token, self.pos_embed = vit.patch_embed, vit.cls_token, vit.pos_embed

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import checkpoint, distributed
-from pipeline.data.image import decode_image
+from pipeline.data.image import Augment, decode_image
 from pipeline.data.samples import BadSample
 from pipeline.data.schedule import derive_seed
 from pipeline.data.shards import DataError, Skips
@@ -36,8 +36,8 @@ def load_media(path: str | Path, modality: str, cfg, rng: random.Random | None) 
     d = cfg.data
     try:
         if modality == "image":
-            return decode_image(path.read_bytes(), d.image_size, rng, d.crop_scale)[None]
-        return decode_video(path.read_bytes(), d.num_frames, d.video_size, rng, d.crop_scale)
+            return decode_image(path.read_bytes(), d.image_size, rng, Augment.of(d))[None]
+        return decode_video(path.read_bytes(), d.num_frames, d.video_size, rng, Augment.of(d))
     except Exception as err:  # noqa: BLE001 - decoders raise many types on corrupt input
         raise BadSample(f"corrupt_{modality}", f"{path}: {type(err).__name__}: {err}") from None
 
@@ -227,6 +227,8 @@ def load_pretrained(model: torch.nn.Module, init: str, allow_missing: tuple[str,
         grid = model.vision.patch_embed.grid_size
         old = int(math.isqrt(state[key].shape[1] - 1))
         state[key] = resample_abs_pos_embed(state[key], new_size=list(grid), old_size=[old, old], num_prefix_tokens=1)
+    if hasattr(model, "adapt_pretrained"):  # a task's own change to a pre-trained tensor (NLVR2's token types)
+        state = model.adapt_pretrained(state)
     drop = [k for k in state if k not in own and k.split(".")[0] in ("mlm_head", "mvm_decoder", "itm_head",
                                                                       "text_proj", "vision_proj", "itc_temp")]
     for k in drop:  # pre-training heads the task does not keep

@@ -5,8 +5,9 @@ Readers
               images as the release lays them out: <media_root>/<split>/<split>-<set>-<pair>-img0.png
               (train: <media_root>/train/<directory>/...), or directly under <media_root>
     albef     [{"images": ["dev/dev-850-0-img0.png", ...], "sentence", "label": "True"|"False"}]
-Model      each image fused with the sentence; the two pairs of pooled features (4d) ->
-           Linear-LN-GELU-Linear -> 2 logits; cross-entropy
+Model      each image fused with the sentence, the first as token type 1, the second as type 2 (a
+           third token-type row, initialised from the image row: the released recipe); the two pairs
+           of pooled features (4d) -> Linear-LN-GELU-Linear -> 2 logits; cross-entropy
 Metrics    accuracy, and consistency (the official second metric): the share of sentences, over
            all image pairs they were written for, whose every prediction is right
 """
@@ -108,14 +109,24 @@ class NLVR2Model(SCLModel):
         self.nlvr2_head = nn.Sequential(nn.Linear(4 * d, 2 * d), nn.LayerNorm(2 * d), nn.GELU(), nn.Linear(2 * d, 2))
         init_fusion_weights(self.nlvr2_head, d, cfg.model.fusion.init_std)
         self.mlm_head = self.itm_head = self.text_proj = self.vision_proj = None
+        self.fusion.token_type = nn.Embedding(3, d)  # text, first image, second image
+        init_fusion_weights(self.fusion.token_type, d, cfg.model.fusion.init_std)
+
+    def adapt_pretrained(self, state: dict) -> dict:
+        """A pre-training state has two token types: the second image's row starts as the image row."""
+        key = "fusion.token_type.weight"
+        if key in state and state[key].shape[0] == 2:
+            state[key] = torch.cat([state[key], state[key][1:2]])
+        return state
 
     def logits(self, batch):
         mask = batch["attention_mask"]
         text = self.encode_text(batch["text_ids"], mask)
         both = self.encode_vision(torch.cat([batch["pixels"], batch["pixels_right"]]))
         b = mask.shape[0]
+        types = torch.tensor([1, 2], device=mask.device).repeat_interleave(b)
         # one fusion pass over the two (sentence, image) pairs of every row
-        fused = self.fuse(torch.cat([text, text]), torch.cat([mask, mask]), both)
+        fused = self.fuse(torch.cat([text, text]), torch.cat([mask, mask]), both, types)
         t, v = fused["text_pooled"], fused["vision_pooled"]
         return self.nlvr2_head(torch.cat([t[:b], v[:b], t[b:], v[b:]], dim=-1))
 

@@ -6,10 +6,15 @@ Readers (an item = one image or video with its captions)
     albef     [{"image" | "video": path, "caption": str | [str]}] (ALBEF / BLIP *_train.json, *_test.json)
     msrvtt    JSFusion CSV `key;vid_key;video_id;sentence` (the 1k-A test), or CLIP4Clip's
               MSRVTT_data.json with `task.train_ids` (9k list: one id per line, or a csv with video_id)
-Training   the pre-training ITC + ITM (hard negatives from softmax(sim / τ)), no masking: the SCL model
-           itself with the task config's loss weights (configs/finetune_retrieval.yaml)
-Evaluation ITC ranks every candidate; each query's top `eval.itm_rerank_k` (ALBEF: 128 Flickr,
-           256 COCO) are re-scored by ITC + ITM; R@1/5/10 both ways (pipeline.retrieval)
+Training   `loss.irtr > 0` (the default of configs/finetune_retrieval.yaml; METER's and the released
+           code's irtr): a ranking head, initialised from the ITM head's "match" row (the ITM head
+           then frozen), scores each image with its caption and `loss.irtr_negatives` random captions
+           of other items, cross-entropy towards the true one; plus `loss.itc` x image-to-text ITC
+           over all those captions (0.5 for images, 1.0 for video in the released recipes).
+           `loss.irtr = 0`: the pre-training ITC + ITM instead (the SCL model with the task's weights).
+Evaluation ITC ranks every candidate; each query's top `eval.itm_rerank_k` (128 Flickr30k and
+           MSR-VTT, 256 COCO) are re-scored (`eval.rerank`: the ranking head, or ITC + ITM);
+           R@1/5/10 both ways (pipeline.retrieval)
 """
 from __future__ import annotations
 
@@ -18,7 +23,9 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
+from pipeline import objectives as obj
 from pipeline import retrieval
 from pipeline.data.samples import BadSample
 from pipeline.data.shards import DataError
@@ -91,7 +98,7 @@ def read_split(cfg, split: str) -> list[dict]:
     items = read_items(cfg, split)
     if split != "train":
         return items
-    return [{"id": f"{it['id']}#{k}", "media": it["media"], "caption": c}
+    return [{"id": f"{it['id']}#{k}", "item": str(it["id"]), "media": it["media"], "caption": c}
             for it in items for k, c in enumerate(it["captions"])]
 
 
@@ -109,24 +116,91 @@ class _Samples:
                 self.skipped[bad.reason] = self.skipped.get(bad.reason, 0) + 1
 
 
+class RetrievalModel(SCLModel):
+    """The SCL model for retrieval fine-tuning: irtr (ranking head + caption ITC) when `loss.irtr > 0`,
+    else the pre-training ITC + ITM."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.mlm_head = None
+        self.rank_head, self.task_params = None, ()
+        if cfg.loss.irtr > 0:
+            self.rank_head = nn.Linear(self.itm_head.in_features, 1)
+            self._rank_from_itm(self.rank_head, self.itm_head.weight.data, self.itm_head.bias.data)
+            self.itm_head.requires_grad_(False)  # the ranking head starts from it; it stays as pre-trained
+            self.task_params = ("rank_head",)
+
+    @staticmethod
+    def _rank_from_itm(head, weight, bias):
+        with torch.no_grad():
+            head.weight.copy_(weight[1:2])
+            head.bias.copy_(bias[1:2])
+
+    def adapt_pretrained(self, state: dict) -> dict:
+        """The ranking head starts as the pre-trained ITM head's "match" row."""
+        if self.rank_head is not None and "itm_head.weight" in state:
+            state["rank_head.weight"], state["rank_head.bias"] = state["itm_head.weight"][1:2], state["itm_head.bias"][1:2]
+        return state
+
+    def rank_logits(self, fused):
+        return self.rank_head(torch.cat([fused["text_pooled"], fused["vision_pooled"]], dim=-1)).squeeze(-1)
+
+    def forward(self, batch, generator=None, **kw):
+        if self.rank_head is None:
+            return super().forward(batch, generator, **kw)
+        ids, mask = batch["text_ids"], batch["attention_mask"]  # [B, 1 + N, L]: the caption, then N negatives
+        b, k, _ = ids.shape
+        vision = self.encode_vision(batch["pixels"])
+        text = self.encode_text(ids.flatten(0, 1), mask.flatten(0, 1))
+        fused = self.fuse(text, mask.flatten(0, 1), vision.repeat_interleave(k, 0))
+        losses = {"irtr": obj.ranking_loss(self.rank_logits(fused).view(b, k))}
+        if self.loss_cfg.itc > 0:
+            v, t = self.itc_features(vision, text)
+            losses["itc"] = obj.caption_ranking_itc(v, t, k, self.temperature())
+        losses["loss"] = sum(getattr(self.loss_cfg, name) * value for name, value in losses.items())
+        losses["itc_temperature"] = self.temperature().detach()
+        return losses
+
+
 class Task:
-    name, best = "retrieval", ("eval/val/itc_itm_r_mean", "max")
+    name = "retrieval"
     train_augment = True
 
     def __init__(self, cfg, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
+        self.irtr = cfg.loss.irtr > 0
+        self.best = (f"eval/val/{cfg.eval.rerank}_r_mean", "max")
+        self.pool: list[dict] = []  # the training records negative captions are drawn from (bind_train)
+
+    def bind_train(self, records: list[dict]) -> None:
+        if self.irtr and len({r["item"] for r in records}) < 2:
+            raise DataError("irtr needs captions of at least 2 items in task.train")
+        self.pool = records
 
     def build_model(self):
-        model = SCLModel(self.cfg)
-        model.mlm_head = None  # ITC + ITM only
-        model.task_params = ()
-        return model
+        return RetrievalModel(self.cfg)
+
+    def negatives(self, record, rng) -> list[str]:
+        """`loss.irtr_negatives` captions of other items, drawn uniformly from the training split."""
+        out = []
+        while len(out) < self.cfg.loss.irtr_negatives:
+            other = self.pool[rng.randrange(len(self.pool))]
+            if other["item"] != record["item"]:
+                out.append(other["caption"])
+        return out
 
     def make_sample(self, record, rng):
-        return {"pixels": load_media(record["media"], self.cfg.task.modality, self.cfg, rng), "caption": record["caption"]}
+        sample = {"pixels": load_media(record["media"], self.cfg.task.modality, self.cfg, rng),
+                  "caption": record["caption"]}
+        if self.irtr:
+            sample["negatives"] = self.negatives(record, rng)
+        return sample
 
     def collate(self, samples):
-        batch = tokenize(self.tokenizer, [s["caption"] for s in samples], self.cfg.model.text.max_len)
+        texts = [[s["caption"], *s.get("negatives", ())] for s in samples]
+        batch = tokenize(self.tokenizer, [t for row in texts for t in row], self.cfg.model.text.max_len)
+        if self.irtr:  # [B, 1 + N, L]
+            batch = {k: v.view(len(samples), len(texts[0]), -1) for k, v in batch.items()}
         batch["pixels"] = torch.stack([s["pixels"] for s in samples])
         return batch
 
