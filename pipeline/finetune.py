@@ -34,7 +34,8 @@ from pipeline.preflight import check_model_inputs, require_local_or_hub  # noqa:
 from pipeline.tasks.common import TaskLoader, load_pretrained, predict  # noqa: E402
 
 log = logging.getLogger("pipeline.finetune")
-HEADLINE = ("vqa_score", "accuracy", "consistency", "itc_r_mean", "itc_itm_r_mean", "chance_r_mean", "n_scored")
+HEADLINE = ("vqa_score", "accuracy", "consistency", "itc_r_mean", "itc_itm_r_mean", "rank_r_mean", "chance_r_mean",
+            "n_scored")
 
 
 class Runner:

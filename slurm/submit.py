@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))  # runnable as `python slurm/submit.py`
 import submitit  # noqa: E402
 from submitit.slurm.slurm import _make_sbatch_string  # noqa: E402
 
-from pipeline.config import ConfigError, dump_config, load_config  # noqa: E402
+from pipeline.config import ConfigError, batch_line, dump_config, load_config  # noqa: E402
 
 
 class PretrainJob(submitit.helpers.Checkpointable):
@@ -205,10 +205,13 @@ def main(argv=None):
     args = parse_args(argv)
     job_dir, cfg = resolve_config(args)
     folder = job_dir / "submitit"
+    world = args.nodes * tasks_per_node(args) if args.cluster != "debug" else 1
+    batch = batch_line(cfg, world)  # a global batch the world size does not divide fails here, before the queue
     if args.dry_run:
         if args.cluster != "slurm":
             raise SystemExit("--dry-run prints the sbatch script of --cluster slurm")
         command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+        print(batch)
         print(_make_sbatch_string(command=command, folder=folder, **slurm_parameters(args, cfg)))
         return None
 
@@ -218,10 +221,10 @@ def main(argv=None):
     if args.cluster == "debug":
         print(job.result())
         return job
-    world = args.nodes * tasks_per_node(args)
     cancel = f"scancel {job.job_id}" if args.cluster == "slurm" else f"kill -INT {job.job_id}"
     print(f"submitted job {job.job_id} ({args.cluster}: {args.nodes} node(s) x {tasks_per_node(args)} "
           f"task(s) = world size {world})\n"
+          f"batch:       {batch}\n"
           f"job dir:     {job_dir}\n"
           f"logs:        {job.paths.stdout}  {job.paths.stderr}\n"
           f"             (rank r: {folder}/{job.job_id}_<r>_log.out/.err)\n"

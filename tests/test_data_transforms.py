@@ -113,3 +113,35 @@ def test_corrupt_video_raises():
         decode_video(good[: len(good) // 3] + bytes(200), 4, 16)
     with pytest.raises(Exception):
         decode_video(b"not a video at all", 4, 16)
+
+
+def test_train_flip_mirrors_half_the_samples_and_randaugment_is_keyed():
+    from pipeline.data.image import Augment
+
+    arr = np.zeros((40, 40, 3), np.uint8)
+    arr[:, :20] = 255  # white left half
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    data = buf.getvalue()
+    whole = Augment(scale=(1.0, 1.0), hflip=True)
+    lefts = []
+    for seed in range(40):
+        x = decode_image(data, 16, random.Random(seed), whole)
+        lefts.append(float(x[:, :, :8].mean()) > float(x[:, :, 8:].mean()))
+    assert 10 < sum(lefts) < 30  # about half mirrored
+    assert all(float(decode_image(data, 16, random.Random(s), Augment(scale=(1.0, 1.0)))[:, :, :8].mean())
+               > 0 for s in range(5))  # no flip asked: the white half stays left
+    # RandAugment (timm's): the same sample key gives the same image, the global RNGs are left alone
+    ra = Augment(scale=(1.0, 1.0), randaugment="rand-m3-n2-p1.0")
+    random.seed(5)
+    np.random.seed(5)
+    before = random.random(), np.random.rand()
+    random.seed(5)
+    np.random.seed(5)
+    outs = [decode_image(data, 32, random.Random(s), ra) for s in (1, 1, 2, 3, 4, 5)]
+    assert (random.random(), np.random.rand()) == before
+    assert torch.equal(outs[0], outs[1])
+    assert len({o.numpy().tobytes() for o in outs}) > 2  # other keys, other operations
+    with pytest.raises(ValueError, match="not a timm RandAugment string"):
+        from pipeline.data.image import randaugment
+        randaugment("rand-q9")

@@ -1,5 +1,5 @@
 """Resume on another world size (2 -> 1 -> 2 ranks, ZeRO-2, gloo) through DeepSpeed's universal
-checkpoint: the step, the LR schedule and the epoch position carry over."""
+checkpoint: the step, the LR schedule, the epoch position and the global batch carry over."""
 import pytest
 import torch
 from train_fixtures import _finish, _torchrun, read_scalars, write_train_data
@@ -17,22 +17,25 @@ def test_resume_on_fewer_then_more_ranks(tmp_path):
     config = write_train_data(tmp_path)
     run = tmp_path / "run"
     common = ["pipeline/pretrain.py", "--config", config, "train.zero_stage=2", f"train.output_dir={run}",
-              "train.save_every=2", "train.keep_last=3"]
-    _launch(2, common + ["train.steps=4"], tmp_path / "a.log")
+              "train.save_every=2", "train.keep_last=3", "train.global_batch=16"]  # 4 per rank
+    text = _launch(2, common + ["train.steps=4"], tmp_path / "a.log")
+    assert "global batch 16 = 4 per rank x 2 ranks x 2 accumulation steps" in text
     text = _launch(1, common + ["train.steps=6"], tmp_path / "b.log")
     ckpts = run / "checkpoints"
     assert f"{ckpts / 'step_00000004'} was written by 2 ranks, this run has 1" in text
     assert f"resumed from {ckpts / 'step_00000004'} at step 4" in text
+    assert "global batch 16 = 4 per rank x 1 ranks x 4 accumulation steps" in text
     text = _launch(2, common + ["train.steps=8"], tmp_path / "c.log")
     assert f"{ckpts / 'step_00000006'} was written by 1 ranks, this run has 2" in text
     assert f"resumed from {ckpts / 'step_00000006'} at step 6" in text
+    assert "global batch 16 = 4 per rank x 2 ranks x 2 accumulation steps" in text
     assert not list((ckpts / "universal").glob("step_*"))  # each conversion removed once loaded
 
-    # the samples seen carry over: the share of the epoch done is kept on the new layout
-    two = torch.load(ckpts / "step_00000004" / "rank_00000.pt", weights_only=False)["loader"]
-    one = torch.load(ckpts / "step_00000006" / "rank_00000.pt", weights_only=False)["loader"]
-    assert one["steps_per_epoch"] == 2 * two["steps_per_epoch"]
-    assert one["step_in_epoch"] == 2 * two["step_in_epoch"] + 2
+    # the samples seen carry over: every optimizer step took the global batch of 16, whatever the ranks
+    for step, world in ((4, 2), (6, 1)):
+        state = torch.load(ckpts / f"step_{step:08d}" / "rank_00000.pt", weights_only=False)["loader"]
+        micro_steps = state["epoch"] * state["steps_per_epoch"] + state["step_in_epoch"]
+        assert micro_steps * 4 * world == 16 * step, (step, state)
     # the LR follows each run's schedule from the step it resumed at; every loss is finite
     scalars = read_scalars(run)
     assert sorted(scalars["loss/total"]) == list(range(1, 9))

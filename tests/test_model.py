@@ -92,9 +92,10 @@ def test_scl_vision_term_has_gradient_for_images_and_videos(cfg, frames):
             setattr(cfg.loss, k, load_config("tiny").loss.__dict__[k])
 
 
-@pytest.mark.parametrize("frames,negatives", [(1, "random"), (4, "hard"), (2, "random")])
-def test_fused_and_naive_schedules_agree(cfg, frames, negatives):
-    model = _model(cfg, mvm=0.5, itm_negatives=negatives).eval()
+@pytest.mark.parametrize("frames,negatives,pairs", [(1, "random", "triplet"), (4, "hard", "triplet"),
+                                                    (2, "random", "triplet"), (1, "random", "swap"), (4, "hard", "swap")])
+def test_fused_and_naive_schedules_agree(cfg, frames, negatives, pairs):
+    model = _model(cfg, mvm=0.5, itm_negatives=negatives, itm_pairs=pairs).eval()
     batch = synthetic_batch(cfg, frames=frames, seed=3)
     try:
         with torch.no_grad():
@@ -102,7 +103,7 @@ def test_fused_and_naive_schedules_agree(cfg, frames, negatives):
             model.loss_cfg.schedule = "naive"
             naive = model(batch, generator=torch.Generator().manual_seed(7))
     finally:
-        model.loss_cfg.schedule, cfg.loss.mvm, cfg.loss.itm_negatives = "fused", 0.0, "random"
+        model.loss_cfg.schedule, cfg.loss.mvm, cfg.loss.itm_negatives, cfg.loss.itm_pairs = "fused", 0.0, "random", "triplet"
     assert fused.keys() == naive.keys()
     for k in fused:
         assert torch.allclose(fused[k], naive[k], atol=1e-5), (k, fused[k], naive[k])
@@ -157,3 +158,39 @@ def test_base_names_the_openai_quickgelu_clip_tower():
     assert isinstance(vit.blocks[0].mlp.act, QuickGELU)
     assert isinstance(timm.create_model("vit_base_patch16_clip_224", pretrained=False, img_size=32, patch_size=8,
                                         embed_dim=64, depth=1, num_heads=2).blocks[0].mlp.act, torch.nn.GELU)
+
+
+def test_swap_itm_keeps_half_the_pairs_and_fuses_one_row_per_pair():
+    """The released pairing: half the pairs (a random half) keep their image, the rest get another one."""
+    cfg = load_config("tiny", ["loss.itm_pairs=swap"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    batch = synthetic_batch(cfg, batch_size=8, seed=1)
+    v = model.encode_vision(batch["pixels"])
+    t = model.encode_text(batch["text_ids"], batch["attention_mask"])
+    feats = dict(zip(("itc_vision", "itc_text"), model.itc_features(v, t)))
+    seen = set()
+    for seed in range(5):
+        pairs, labels = model._itm_pairs(feats, t, batch["attention_mask"], v, torch.Generator().manual_seed(seed))
+        assert len(pairs) == 1 and pairs[0][2].shape == v.shape and labels.sum() == 4
+        kept = labels.bool()
+        assert torch.equal(pairs[0][2][kept], v[kept])  # a kept pair's own image
+        assert all(not torch.equal(pairs[0][2][i], v[i]) for i in (~kept).nonzero().flatten())
+        seen.add(tuple(labels.tolist()))
+    assert len(seen) > 1  # which half is kept is drawn per step
+
+
+def test_itc_reads_the_fusion_input_projections():
+    """As the released code: the ITC heads read the cross-modal transforms of the tower CLS tokens,
+    so ITC trains those projections too."""
+    cfg = load_config("tiny", ["loss.itm=0", "loss.mlm=0", "loss.scl_vision=0", "loss.scl_text=0"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    batch = synthetic_batch(cfg, frames=4, seed=2)
+    v = model.encode_vision(batch["pixels"])
+    t = model.encode_text(batch["text_ids"], batch["attention_mask"])
+    vf, tf = model.itc_features(v, t)
+    assert torch.allclose(vf, model.vision_proj(model.fusion.vision_in(v[:, :, 0].mean(1))))
+    assert torch.allclose(tf, model.text_proj(model.fusion.text_in(t[:, 0])))
+    model(batch)["loss"].backward()
+    assert model.fusion.vision_in.weight.grad.abs().sum() > 0 and model.fusion.text_in.weight.grad.abs().sum() > 0

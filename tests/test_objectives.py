@@ -183,3 +183,32 @@ def test_make_masks_never_masks_special_or_padding():
         assert (b[key][0, [0, 6, 7, 8]] == ids[0, [0, 6, 7, 8]]).all()
     assert (b["mlm_labels"][0, [0, 6, 7, 8]] == obj.IGNORE_INDEX).all()
     assert b["patch_keep"].shape == (1, 4)
+
+
+def test_whole_word_masking_picks_every_token_of_a_word_together():
+    """Words of 1-3 tokens (the tokenizer's word ids): a word is masked whole or not at all, and about
+    `prob` of the words are picked."""
+    torch.manual_seed(0)
+    b, words_per_row = 64, 12
+    word_ids = torch.full((b, 40), -1)
+    ids = torch.full((b, 40), 1)
+    for r in range(b):
+        pos = 1
+        for w in range(words_per_row):
+            n = 1 + (w + r) % 3
+            word_ids[r, pos:pos + n] = w
+            ids[r, pos:pos + n] = torch.randint(10, 100, (n,))
+            pos += n
+    maskable = word_ids >= 0
+    g = torch.Generator().manual_seed(1)
+    _, labels = masking.mlm_mask(ids, maskable, 4, 100, 0.15, g, word_ids)
+    IGNORE_INDEX = obj.IGNORE_INDEX
+    picked = labels != IGNORE_INDEX
+    words_picked = 0
+    for r in range(b):
+        for w in range(words_per_row):
+            cells = picked[r][word_ids[r] == w]
+            assert cells.all() or not cells.any(), (r, w)
+            words_picked += int(cells.all())
+    assert 0.10 < words_picked / (b * words_per_row) < 0.20
+    assert not picked[~maskable].any()

@@ -230,6 +230,8 @@ def test_dry_run_prints_the_sbatch_script_and_submits_nothing(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     script = out.stdout
+    # base: the paper's 4,096 pairs per step, the accumulation derived from the 64 ranks
+    assert script.splitlines()[0] == "global batch 4096 = 16 per rank x 64 ranks x 4 accumulation steps"
     job_dir = tmp_path / "outputs" / "run"  # train.output_dir of the base config
     for line in ("#SBATCH --nodes=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --time=4320", "#SBATCH --signal=USR2@120", "#SBATCH --partition=gpu",

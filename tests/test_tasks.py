@@ -196,3 +196,20 @@ def test_random_is_not_used_unseeded():
     b = TaskLoader([{"id": i} for i in range(8)], lambda r, rng: {"x": rng.random()},
                    lambda s: {"pixels": torch.zeros(len(s), 1, 3, 2, 2), "v": [x["x"] for x in s]}, 2, 0, 1)
     assert [x["v"] for x in b] == first
+
+
+def test_nlvr2_second_image_has_its_own_token_type():
+    """The released recipe: the second image is token type 2, a row that starts as the image row."""
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    model = nlvr2.NLVR2Model(cfg).eval()
+    pretrained = {"fusion.token_type.weight": torch.randn(2, 64)}
+    adapted = model.adapt_pretrained(dict(pretrained))["fusion.token_type.weight"]
+    assert adapted.shape == (3, 64) and torch.equal(adapted[2], pretrained["fusion.token_type.weight"][1])
+    batch = {"text_ids": torch.randint(5, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long),
+             "pixels": torch.randn(2, 1, 3, 32, 32), "pixels_right": torch.randn(2, 1, 3, 32, 32)}
+    with torch.no_grad():
+        before = model.logits(batch)
+        model.fusion.token_type.weight[2] += 1.0
+        after = model.logits(batch)
+    assert not torch.allclose(before, after)
