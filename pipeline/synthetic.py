@@ -90,11 +90,11 @@ class ConceptTask:
 
 
 def train_concepts(cfg, steps: int, batch_size: int = 32, seed: int = 0, task_seed: int = 1234,
-                   log_every: int = 0):
+                   log_every: int = 0, init: dict | None = None):
     """Train `build_model(cfg)` on ConceptTask with the trainer's parameter groups, AdamW, LR
     schedule, clipping rule and accumulation (`train.grad_accum` micro-batches of `batch_size`,
     with `train.contrastive_accum`), in one process (no DeepSpeed). Returns (model, task, history),
-    history a list of per-step {loss name: value}."""
+    history a list of per-step {loss name: value}. `init`: a state dict to start from (a fresh optimizer)."""
     from pipeline import engine, gradcache
     from pipeline.config import accumulation
     from pipeline.model import build_model
@@ -102,6 +102,8 @@ def train_concepts(cfg, steps: int, batch_size: int = 32, seed: int = 0, task_se
     tc, accum = cfg.train, accumulation(cfg, 1)
     torch.manual_seed(seed)
     model = build_model(cfg).train()
+    if init is not None:
+        model.load_state_dict(init)
     opt = torch.optim.AdamW(engine.param_groups(model, tc), betas=tc.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: engine.lr_factor(s, tc))
     task = ConceptTask(cfg, seed=task_seed)
