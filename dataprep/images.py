@@ -62,7 +62,7 @@ class LocalImageProcessor:
 
 _SHARD_JSON = re.compile(r"^\d+_stats\.json$")
 # Our own files in a shard folder; img2dataset reads every *.json there as a shard's stats.
-INDEX_FILES = ("sizes.json", "report.json")
+INDEX_FILES = ("sizes.json", "invalid.json", "report.json")
 
 
 def clear_index(output_dir: str) -> None:

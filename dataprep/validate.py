@@ -1,4 +1,4 @@
-"""Validate + index: open every shard, decode every sample, write sizes.json and report.json.
+"""Validate + index: open every shard, decode every sample, write sizes.json, invalid.json and report.json.
 
 sizes.json ({"00000.tar": n, ...}) is what the trainer's loader reads: it lists the shards that
 are complete and intact, each with its number of decodable samples. report.json is the corpus's
@@ -42,6 +42,7 @@ class ShardCheck:
     video_seconds: float = 0.0
     images: int = 0
     videos: int = 0
+    invalid_at: list[int] = field(default_factory=list)  # positions of the stored samples not counted valid
 
 
 def _split_key(member_name: str) -> tuple[str, str]:
@@ -60,8 +61,8 @@ def tar_samples(fs, path: str):
     current, files = None, {}
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
-            if not member.isfile():
-                continue
+            if not member.isfile() or "." not in member.name.rsplit("/", 1)[-1]:
+                continue  # no extension: not part of any sample (webdataset's rule; readers skip it too)
             key, ext = _split_key(member.name)
             if key != current:
                 if current is not None:
@@ -157,14 +158,12 @@ def check_tar(fs, path: str, decode: bool = True) -> ShardCheck:
         check.flags.append("truncated")
     seen: set[str] = set()
     try:
-        for key, files in tar_samples(fs, path):
-            if key in seen:
-                check.invalid["duplicate key"] += 1
-                continue
+        for position, (key, files) in enumerate(tar_samples(fs, path)):
+            problem = "duplicate key" if key in seen else _check_sample(files, decode, check)
             seen.add(key)
-            problem = _check_sample(files, decode, check)
             if problem:
                 check.invalid[problem] += 1
+                check.invalid_at.append(position)
             else:
                 check.valid += 1
     except (tarfile.TarError, EOFError, OSError) as err:
@@ -251,6 +250,9 @@ def validate(output_dir: str, decode: bool = True, workers: int = 2) -> dict:
         "ok": not errors,
     }
     if fs.exists(root):
+        # invalid.json: where indexed shards store samples that do not decode, so that readers reach
+        # every valid sample at its place (sizes.json counts the valid ones only)
+        write_json(fs, join(root, "invalid.json"), {c.name: c.invalid_at for c in checks if c.name in sizes and c.invalid_at})
         write_json(fs, join(root, "sizes.json"), sizes)
         write_json(fs, join(root, "report.json"), report)
     return report

@@ -72,22 +72,22 @@ class _EpochBatches(IterableDataset):
         if d.sharding == "split":
             order = list(range(n))
             random.Random(derive_seed("shards", d.seed, self.epoch, src)).shuffle(order)
-            urls, counts = [source.urls[i] for i in order], [source.counts[i] for i in order]
             lengths = [d.batch_size * self.slot_steps[src, s] for s in range(self.slots)]
             offset = self.rank * d.batch_size * self.source_steps[src] + sum(lengths[:slot])
 
             def passes(p):
-                if p == 0:
-                    return iter(ranges_to_segments(urls, counts, offset, lengths[slot]))
+                if p == 0:  # this reader's usable samples, at their stored positions
+                    segments = ranges_to_segments(order, [source.counts[i] for i in order], offset, lengths[slot])
+                    return iter([(source.urls[i], *source.stored_span(i, first, k)) for i, first, k in segments])
                 refill = list(range(n))  # replacements for bad samples: the whole source, reshuffled
                 random.Random(derive_seed(*seed_parts, "refill", p)).shuffle(refill)
-                return ((source.urls[i], 0, source.counts[i]) for i in refill)
+                return ((source.urls[i], 0, source.stored(i)) for i in refill)
         else:
             def passes(p):
                 rng = random.Random(derive_seed(*seed_parts, "resample", p))
                 while True:
                     i = rng.randrange(n)
-                    yield source.urls[i], 0, source.counts[i]
+                    yield source.urls[i], 0, source.stored(i)
 
         cursor = self.cursors.get(slot, {}).get(src)
         if cursor is None:  # no saved position: assume every sample so far was good

@@ -13,6 +13,7 @@ stream can restart exactly where an earlier one stopped, without re-reading what
 """
 from __future__ import annotations
 
+import bisect
 import glob
 import json
 import logging
@@ -44,11 +45,31 @@ class Source:
     modality: str  # "image" or "video"
     weight: float
     urls: list[str]
-    counts: list[int]  # samples per shard, as declared by sizes.json / _stats.json / num_samples
+    counts: list[int]  # usable samples per shard, as declared by sizes.json / _stats.json / num_samples
+    # Positions of the samples a shard stores but that are not usable (dataprep's invalid.json), sorted.
+    # The counts size the epoch; reading walks stored positions, so every usable sample is reached.
+    invalid: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.invalid = self.invalid or [[] for _ in self.urls]
 
     @property
     def total(self) -> int:
         return sum(self.counts)
+
+    def stored(self, i: int) -> int:
+        """Samples stored in shard i, usable or not."""
+        return self.counts[i] + len(self.invalid[i])
+
+    def stored_span(self, i: int, first: int, n: int) -> tuple[int, int]:
+        """Usable samples first .. first + n of shard i as (first stored position, number of positions):
+        the invalid samples among them (and those before the first or after the last usable sample,
+        where the span starts or ends the shard) are read with them."""
+        bad = self.invalid[i]
+        at = lambda k: k + bisect.bisect_right([p - j for j, p in enumerate(bad)], k)  # noqa: E731
+        start = 0 if first == 0 else at(first)
+        end = self.stored(i) if first + n >= self.counts[i] else at(first + n)
+        return start, end - start
 
 
 # ---- shard lists and sample counts ----
@@ -118,8 +139,9 @@ def resolve_source(name: str, modality: str, weight: float, pattern: str, num_sa
     """Expand a source's shards and find how many samples each holds.
 
     Per-shard counts come from the folder's sizes.json (dataprep's index: shards it leaves out are
-    flagged broken and are skipped), else each shard's _stats.json. An explicit `num_samples` is the
-    source's size; it is spread evenly over the shards when their own counts are missing or disagree.
+    flagged broken and are skipped; its invalid.json lists where indexed shards store samples that do
+    not decode), else each shard's _stats.json. An explicit `num_samples` is the source's size; it is
+    spread evenly over the shards when their own counts are missing or disagree.
 
     Local shards that do not exist are an error when none exists or one of them has no count of its
     own (a wrong pattern); listed in sizes.json they are only warned about and read as unreadable, so
@@ -131,23 +153,25 @@ def resolve_source(name: str, modality: str, weight: float, pattern: str, num_sa
     missing = missing_shards(urls)
     if len(missing) == len(urls):
         raise DataError(missing_message(f"source '{name}'", urls, missing))
-    sizes, kept, counts, excluded, unknown = {}, [], [], [], []
+    sizes, bad_at, kept, counts, invalid, excluded, unknown = {}, {}, [], [], [], [], []
     for url in urls:
         folder, base = url.rsplit("/", 1) if "/" in url else (".", url)
         if folder not in sizes:
             sizes[folder] = _read_json_near(url, "sizes.json")
+            bad_at[folder] = _read_json_near(url, INVALID_INDEX) if isinstance(sizes[folder], dict) else None
         index = sizes[folder]
         if isinstance(index, dict):
             if base not in index:
                 excluded.append(url)
                 continue
-            count = int(index[base])
+            count = _count(index[base], f"{folder}/sizes.json", base)
         else:
             count = _stats_count(url)
         if count is None:
             unknown.append(url)
         kept.append(url)
         counts.append(count)
+        invalid.append(_invalid_positions(bad_at[folder], f"{folder}/{INVALID_INDEX}", base))
     gone = set(missing)
     if gone & set(unknown):
         raise DataError(missing_message(f"source '{name}'", urls, missing))
@@ -173,8 +197,31 @@ def resolve_source(name: str, modality: str, weight: float, pattern: str, num_sa
                         "shards, or set num_samples for the source")
     if sum(counts) == 0:
         raise DataError(f"source {name}: its shards hold no samples")
-    kept, counts = zip(*[(u, c) for u, c in zip(kept, counts) if c > 0])  # empty shards hold nothing to read
-    return Source(name, modality, weight, list(kept), list(counts))
+    if num_samples > 0 and unknown:
+        invalid = [[] for _ in kept]  # spread counts: positions of another layout do not apply
+    shards = [(u, c, bad) for u, c, bad in zip(kept, counts, invalid) if c > 0]  # empty shards hold nothing to read
+    return Source(name, modality, weight, [u for u, _, _ in shards], [c for _, c, _ in shards],
+                  [bad for _, _, bad in shards])
+
+
+INVALID_INDEX = "invalid.json"  # {"00000.tar": [positions of stored samples that do not decode], ...}
+
+
+def _count(value, where: str, shard: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DataError(f"{where}: shard {shard} has count {value!r}; sample counts must be integers >= 0 "
+                        "(rewrite the index: python -m dataprep validate)")
+    return value
+
+
+def _invalid_positions(index, where: str, shard: str) -> list[int]:
+    if not isinstance(index, dict) or shard not in index:
+        return []
+    positions = index[shard]
+    if not isinstance(positions, list) or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0
+                                                  for p in positions):
+        raise DataError(f"{where}: shard {shard}: expected a list of sample positions (integers >= 0)")
+    return sorted(set(positions))
 
 
 # ---- skipped-sample accounting ----
@@ -323,8 +370,9 @@ def read_shard(url: str, skips: Skips, skip: int = 0, limit: int | None = None) 
 Segment = tuple[str, int, int]  # (url, first sample in the shard, number of samples)
 
 
-def ranges_to_segments(urls: list[str], counts: list[int], start: int, length: int) -> list[Segment]:
-    """The global sample range [start, start+length) of shards laid end to end, as per-shard segments."""
+def ranges_to_segments(urls: list, counts: list[int], start: int, length: int) -> list[Segment]:
+    """The global sample range [start, start+length) of shards laid end to end, as per-shard segments
+    (url or any other name of the shard, first sample in it, number of samples)."""
     out, offset = [], 0
     for url, n in zip(urls, counts):
         lo, hi = max(start, offset), min(start + length, offset + n)
@@ -349,7 +397,7 @@ class SampleStream:
         self.seed_parts, self.skips, self.cursor = seed_parts, skips, tuple(cursor)
         self._dead: set[str] = set()  # shards read to their end since the last good sample
         self._keys = SeenKeys()  # this reader's keys of the source, from its (resumed) start on
-        self._counts = dict(zip(source.urls, source.counts))
+        self._counts = {url: source.stored(i) for i, url in enumerate(source.urls)}  # positions per shard
 
     def mark_good(self) -> None:
         self._dead.clear()
