@@ -14,16 +14,25 @@ previous one; resume ignores such tags and the next save removes them. A complet
 longer match `complete.json` (deleted, truncated) is damaged: `--resume auto` falls back to the newest
 intact tag, an explicit `--resume <dir>` is an error naming the file.
 
-    python -m pipeline.checkpoint <output_dir> --out model_fp32.pt     # consolidate for eval/fine-tuning
+    python -m pipeline.checkpoint <output_dir> --out model.safetensors  # consolidate for eval/fine-tuning
+
+Nothing loaded here runs code: the project's own files hold tensors and plain containers, read with
+`weights_only=True`; DeepSpeed's loaders (its checkpoint engine, zero_to_fp32, ds_to_universal and the
+universal loader all call `torch.load(weights_only=False)`) run inside `safe_torch_load()`, which
+reads every file the same way, allowing only the few DeepSpeed classes its optimizer state holds
+(`DEEPSPEED_CLASSES`). A file holding anything else is refused with an error naming it and the class.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
 import os
+import pickle
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -49,6 +58,59 @@ class CheckpointError(FileNotFoundError):
 
 class CheckpointWriteError(OSError):
     """A save that could not write its files (the previous checkpoint and `latest` are untouched)."""
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """A checkpoint file that holds an object other than tensors, plain containers and allowed classes."""
+
+
+# ---------------------------------------------------------------- loading without running code
+def deepspeed_classes() -> list:
+    """The classes DeepSpeed's checkpoint files hold beside tensors and plain containers (its optimizer
+    state: the ZeRO stage, the loss scaler, fragment addresses): the only ones loading may build."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def _numpy_arrays() -> list:
+    """What a rank file of an earlier version holds for NumPy's RNG state: plain arrays (an array of
+    objects would still need its objects allowed)."""
+    return [np._core.multiarray._reconstruct, np.ndarray, np.dtype] + [type(np.dtype(t)) for t in ("uint32", "float64")]
+
+
+_torch_load = torch.load
+
+
+def safe_load(path, map_location="cpu", allow=(), **kw):
+    """torch.load that builds tensors, plain containers and the classes in `allow` only. Anything
+    else (a pickled object whose loading would run code) is an UnsafeCheckpoint naming file and class."""
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return _torch_load(path, map_location=map_location, weights_only=True, **kw)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err)) or re.search(r"global (\S+)", str(err))
+        what = found.group(1) if found else str(err).splitlines()[0]
+        raise UnsafeCheckpoint(f"{path}: refused: it holds {what}, which is neither a tensor nor a plain container "
+                               "(loading it could run code); only files written by this pipeline and DeepSpeed load"
+                               ) from None
+
+
+@contextlib.contextmanager
+def safe_torch_load():
+    """Within: every torch.load, DeepSpeed's included, goes through `safe_load` with DEEPSPEED_CLASSES."""
+    allowed = deepspeed_classes()
+
+    def load(f, map_location=None, pickle_module=None, *, weights_only=None, **kw):
+        return safe_load(f, map_location, allowed, **kw)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = _torch_load
 
 
 def checkpoint_root(output_dir) -> Path:
@@ -89,7 +151,11 @@ def _atomic_write(path: Path, text: str) -> None:
 
 # ---------------------------------------------------------------- RNG
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The global RNG states as tensors and plain values (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -97,7 +163,12 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    if isinstance(n, dict):
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+    else:  # a rank file of an earlier version: NumPy's own tuple
+        np.random.set_state(n)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -326,9 +397,10 @@ def to_universal(tag_dir: Path) -> Path:
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     shutil.rmtree(out, ignore_errors=True)
-    ds_to_universal(_argparse.Namespace(input_folder=str(tag_dir), output_folder=str(out), num_extract_workers=1,
-                                        num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                        inject_missing_state=True))
+    with safe_torch_load():  # one worker each: the conversion runs in this process, under the safe loader
+        ds_to_universal(_argparse.Namespace(input_folder=str(tag_dir), output_folder=str(out), num_extract_workers=1,
+                                            num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                            inject_missing_state=True))
     _atomic_write(out / COMPLETE, json.dumps({"from": str(tag_dir), "time": time.time()}))
     return out
 
@@ -338,55 +410,143 @@ def load(engine, tag_dir: Path, weights_dir: Path | None = None) -> Resumed:
     `weights_dir`: the universal conversion of `tag_dir` when the world size changed (the engine
     was built with `checkpoint.load_universal`); rank files still come from `tag_dir`."""
     src = weights_dir or tag_dir
-    path, client = engine.load_checkpoint(str(src.parent), tag=src.name)
+    with safe_torch_load():
+        path, client = engine.load_checkpoint(str(src.parent), tag=src.name)
     if path is None:
         raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
     rank_file = tag_dir / f"rank_{distributed.rank():05d}.pt"
-    rank_state = torch.load(rank_file, map_location="cpu", weights_only=False) if rank_file.exists() else None
+    rank_state = read_rank_file(rank_file) if rank_file.exists() else None
     if rank_state is None:
         log.warning("%s missing: this rank takes rank 0's epoch position and reseeds", rank_file)
     return Resumed(tag_dir, int(client["step"]), client, rank_state)
 
 
+def read_rank_file(path: Path) -> dict:
+    """A rank's loader position and RNG states (tensors and plain values; NumPy arrays in older files)."""
+    return safe_load(path, allow=_numpy_arrays())
+
+
 def rank_file_state(tag_dir: Path, rank: int) -> dict:
-    return torch.load(tag_dir / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=False)
+    return read_rank_file(tag_dir / f"rank_{rank:05d}.pt")
 
 
 # ---------------------------------------------------------------- fp32 export
-def consolidate(output_dir_or_tag, out_file) -> Path:
-    """One fp32 state dict from a ZeRO checkpoint (DeepSpeed's zero_to_fp32), loadable without DeepSpeed,
-    and the run's config.yaml beside it as `<out_file stem>.yaml`.
+CONFIG_KEY = "scl_config"  # safetensors metadata: the run's config (YAML), the model's geometry included
 
-    Accepts an output directory (its newest complete checkpoint) or a tag directory.
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+def _tag_of(output_dir_or_tag) -> Path:
     src = Path(output_dir_or_tag)
     tag_dir = src if is_complete(src) else find_latest(src)
     if tag_dir is None:
         raise CheckpointError(f"no complete checkpoint in {checkpoint_root(src)} (or every one is damaged)")
     if tag_dir == src:
         _check_intact(tag_dir, str(src), "pass the run directory for its newest intact checkpoint")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    out = Path(out_file)
+    return tag_dir
+
+
+def consolidated_state(output_dir_or_tag) -> tuple[dict, Path]:
+    """The fp32 weights of a run's newest intact checkpoint (or of a step_* directory), assembled from
+    its ZeRO shards by DeepSpeed's zero_to_fp32 under the safe loader. Returns (state, tag directory)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = _tag_of(output_dir_or_tag)
+    with safe_torch_load():
+        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    return {k: v.float().contiguous() for k, v in state.items()}, tag_dir
+
+
+def run_config_text(tag_dir: Path) -> str | None:
+    """The config.yaml of the run a tag belongs to (None when it has none)."""
+    path = tag_dir.parent.parent / "config.yaml"
+    return path.read_text() if path.is_file() else None
+
+
+def consolidate(output_dir_or_tag, out_file) -> Path:
+    """One fp32 state dict from a ZeRO checkpoint, loadable without DeepSpeed. `.safetensors`: the run's
+    config goes into the file's metadata; any other name: a torch file of tensors, with the run's
+    config.yaml beside it as `<out_file stem>.yaml`. Accepts an output directory (its newest complete
+    checkpoint) or a tag directory."""
+    state, tag_dir = consolidated_state(output_dir_or_tag)
+    out, config = Path(out_file), run_config_text(tag_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.float().contiguous() for k, v in state.items()}, out)
-    run_config = tag_dir.parent.parent / "config.yaml"
-    if run_config.is_file():  # beside the weights: evaluation checks its model section against it
-        shutil.copyfile(run_config, out.with_suffix(".yaml"))
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(out), metadata={"format": "pt", **({CONFIG_KEY: config} if config else {})})
+    else:
+        torch.save(state, out)
+        if config is not None:  # beside the weights: evaluation checks its model section against it
+            out.with_suffix(".yaml").write_text(config)
     return out
 
 
+def read_weights(path) -> tuple[dict, str | None]:
+    """A consolidated file's tensors and the run config stored with it (safetensors metadata; None
+    for a torch file, whose config is the `.yaml` beside it). Nothing in it runs code."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu"), read_weights_metadata(path)
+    state = safe_load(path)
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a mapping of names to tensors")
+    return state, None
+
+
+def run_config(ckpt: Path) -> str | None:
+    """The config (YAML text) a checkpoint was trained with: a safetensors file's metadata, the
+    `<file>.yaml` beside a torch file (or a config.yaml in its folder), or the run's config.yaml of a
+    run or step_* directory. None when none is found."""
+    ckpt = Path(ckpt)
+    if ckpt.suffix == ".safetensors" and ckpt.is_file():
+        return read_weights_metadata(ckpt)
+    if ckpt.is_file():
+        candidates = [ckpt.with_suffix(".yaml"), ckpt.parent / "config.yaml"]
+    else:
+        candidates = [d / "config.yaml" for d in (ckpt, ckpt.parent, ckpt.parent.parent)]
+    found = next((c for c in candidates if c.is_file()), None)
+    return found.read_text() if found is not None else None
+
+
+def read_weights_metadata(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get(CONFIG_KEY)
+
+
+def check_model_section(ckpt, cfg, allowed: tuple[str, ...] = ()) -> None:
+    """Refuse a config whose model section differs from the checkpoint's run (named keys): weights
+    of another geometry can load and give other numbers silently (e.g. another head count).
+    `allowed`: keys that may differ (fine-tuning resamples positions to its `model.vision.image_size`)."""
+    import yaml
+
+    from pipeline.config import ConfigError, model_differences, to_dict
+
+    text = run_config(Path(ckpt))
+    saved = yaml.safe_load(text) if text else None
+    if not isinstance(saved, dict) or "model" not in saved:
+        log.warning("%s: no config of its run found, so the model section cannot be checked "
+                    "(a .safetensors file from `python -m pipeline.checkpoint` carries it)", ckpt)
+        return
+    diffs = [d for d in model_differences(saved["model"], to_dict(cfg)["model"]) if d.split(":")[0] not in allowed]
+    if diffs:
+        raise ConfigError(f"{ckpt} was trained with another model section: " + "; ".join(diffs)
+                          + ". Use the run's config (the default without --config) or set these keys to its values.")
+
+
 def load_fp32(model: torch.nn.Module, path, strict: bool = True) -> torch.nn.Module:
-    """Load a consolidated fp32 file into a plain (non-DeepSpeed) model."""
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=strict)
+    """Load a consolidated fp32 file (safetensors or torch) into a plain (non-DeepSpeed) model."""
+    model.load_state_dict(read_weights(path)[0], strict=strict)
     return model
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Consolidate a ZeRO checkpoint into one fp32 state dict.")
+    p = argparse.ArgumentParser(description="Consolidate a ZeRO checkpoint into one fp32 file for evaluation, "
+                                            "fine-tuning and sharing.")
     p.add_argument("checkpoint", help="output directory (newest complete checkpoint) or a step_* directory")
-    p.add_argument("--out", required=True, help="output .pt file")
+    p.add_argument("--out", required=True, help="model.safetensors (the run's config in its metadata), or a .pt file")
     args = p.parse_args(argv)
     print(consolidate(args.checkpoint, args.out))
 

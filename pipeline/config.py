@@ -323,21 +323,30 @@ def resolve_path(path: str | Path) -> Path:
                       f"{', '.join(sorted(q.stem for q in CONFIG_DIR.glob('*.yaml')))})")
 
 
-def load_yaml_tree(path: str | Path | None) -> dict:
-    """The YAML as a dict, following `inherit: <config>` chains (child keys win)."""
-    if path is None:
-        return {}
-    p = resolve_path(path)
-    tree = yaml.safe_load(p.read_text()) or {}
+def _parse_yaml(text: str, where) -> dict:
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}".replace("<unicode string>", str(where))) from None
     if not isinstance(tree, dict):
-        raise ConfigError(f"{p}: top level must be a mapping")
+        raise ConfigError(f"{where}: top level must be a mapping")
+    return tree
+
+
+def load_yaml_tree(path: str | Path | None, text: str | None = None) -> dict:
+    """The YAML (a file, or `text` read from elsewhere) as a dict, following `inherit: <config>` chains
+    (child keys win)."""
+    if path is None and text is None:
+        return {}
+    tree = _parse_yaml(text, path or "config text") if text is not None else \
+        _parse_yaml(resolve_path(path).read_text(), resolve_path(path))
     parent = tree.pop("inherit", None)
     return _apply_layer(load_yaml_tree(parent) if parent else {}, tree)
 
 
-def load_config(path: str | Path | None = None, overrides=()) -> Config:
-    """Defaults <- YAML (with `inherit:`) <- dotted overrides, validated into a typed Config."""
-    tree = _apply_layer(load_yaml_tree(path), parse_overrides(overrides))
+def load_config(path: str | Path | None = None, overrides=(), text: str | None = None) -> Config:
+    """Defaults <- YAML (a file with `inherit:`, or `text`) <- dotted overrides, validated into a typed Config."""
+    tree = _apply_layer(load_yaml_tree(path, text), parse_overrides(overrides))
     cfg = _coerce(Config, tree, "")
     validate(cfg)
     return cfg

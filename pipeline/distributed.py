@@ -97,6 +97,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (one tiny all_reduce; the flag itself without
+    a process group)."""
+    if not is_initialized():
+        return bool(flag)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums every rank's gradient for the local slice.
 

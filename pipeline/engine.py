@@ -220,18 +220,6 @@ def to_device(batch: dict, device, dtype: torch.dtype) -> dict:
                 if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if `flag` is true on any rank (one tiny all_reduce)."""
-    t = torch.tensor([float(flag)], device=_comm_device())
-    if distributed.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def _comm_device():
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -262,7 +250,7 @@ def train_micro_step(engine, batch: dict) -> StepResult:
     """
     out = engine(batch)
     loss = out["loss"]
-    if any_rank(not torch.isfinite(loss.detach()).all().item()):
+    if distributed.any_rank(not torch.isfinite(loss.detach()).all().item()):
         return StepResult({}, False)
     engine.backward(loss)
     engine.step()
@@ -276,4 +264,4 @@ def train_group_step(engine, batches: list[dict], loss_cfg) -> StepResult:
         engine.backward(loss)
         engine.step()
 
-    return gradcache.accumulate(engine, backward, batches, loss_cfg, any_rank)
+    return gradcache.accumulate(engine, backward, batches, loss_cfg)

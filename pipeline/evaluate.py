@@ -6,8 +6,9 @@
     torchrun --nproc_per_node 2 -m pipeline.evaluate ...     # features spread over ranks
 
 --checkpoint is a run's output directory (its newest complete checkpoint), a step_* directory, or a
-consolidated fp32 file (`python -m pipeline.checkpoint`). The config defaults to the run's
-config.yaml; dotted overrides apply on top (e.g. eval.batch_size=128).
+consolidated file (`python -m pipeline.checkpoint RUN --out model.safetensors`). The config defaults to
+the run's (its config.yaml, or the one a safetensors file carries); dotted overrides apply on top (e.g.
+eval.batch_size=128).
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file path
@@ -23,66 +23,25 @@ if __package__ in (None, ""):  # run as a file path
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import yaml  # noqa: E402
 
 from pipeline import checkpoint, distributed, retrieval  # noqa: E402
-from pipeline.config import ConfigError, load_config, model_differences, to_dict  # noqa: E402
+from pipeline.config import ConfigError, load_config  # noqa: E402
 from pipeline.data import load_tokenizer  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 
 log = logging.getLogger("pipeline.evaluate")
 
 
-def _run_config_path(ckpt: Path) -> Path | None:
-    """config.yaml of the run a checkpoint belongs to: for an fp32 file the `<file>.yaml` that
-    `pipeline.checkpoint` writes beside it, else a config.yaml in its folder; for a run or step_*
-    directory the run's."""
-    if ckpt.is_file():
-        candidates = [ckpt.with_suffix(".yaml"), ckpt.parent / "config.yaml"]
-    else:
-        candidates = [d / "config.yaml" for d in (ckpt, ckpt.parent, ckpt.parent.parent)]
-    return next((c for c in candidates if c.is_file()), None)
-
-
-def find_run_config(ckpt: Path) -> Path:
-    path = _run_config_path(ckpt)
-    if path is None:
-        raise ConfigError(f"no config.yaml found beside {ckpt}: pass --config")
-    return path
-
-
-def saved_run_config(ckpt: Path) -> dict | None:
-    """The config a checkpoint was trained with (see _run_config_path); None when none is found."""
-    path = _run_config_path(ckpt)
-    return yaml.safe_load(path.read_text()) if path is not None else None
-
-
-def check_model_section(ckpt, cfg, allowed: tuple[str, ...] = ()) -> None:
-    """Refuse a config whose model section differs from the checkpoint's run (named keys): weights
-    of another geometry can load and give other numbers silently (e.g. another head count).
-    `allowed`: keys that may differ (fine-tuning resamples positions to its `model.vision.image_size`)."""
-    saved = saved_run_config(Path(ckpt))
-    if saved is None or "model" not in saved:
-        log.warning("%s: no config of its run found, so the model section cannot be checked", ckpt)
-        return
-    diffs = [d for d in model_differences(saved["model"], to_dict(cfg)["model"]) if d.split(":")[0] not in allowed]
-    if diffs:
-        raise ConfigError(f"{ckpt} was trained with another model section: " + "; ".join(diffs)
-                          + ". Use the run's config (the default without --config) or set these keys to its values.")
-
-
 def load_model(ckpt: str, cfg, device) -> torch.nn.Module:
-    """The model with weights from a consolidated fp32 file or a DeepSpeed checkpoint directory."""
+    """The model with weights from a consolidated file (safetensors or torch) or a DeepSpeed checkpoint
+    directory, after its run's model section was checked against `cfg`."""
     path = Path(ckpt)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
-    check_model_section(path, cfg)
+    checkpoint.check_model_section(path, cfg)
     model = build_model(cfg)
-    if path.is_file():
-        checkpoint.load_fp32(model, path)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint.load_fp32(model, checkpoint.consolidate(path, Path(tmp) / "fp32.pt"))
+    state = checkpoint.read_weights(path)[0] if path.is_file() else checkpoint.consolidated_state(path)[0]
+    model.load_state_dict(state)
     return model.to(device).eval()
 
 
@@ -105,7 +64,13 @@ def main(argv=None) -> dict:
     p.add_argument("--json", help="also write the metrics here")
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args(argv)
-    cfg = load_config(args.config or find_run_config(Path(args.checkpoint)), args.overrides)
+    if args.config:
+        cfg = load_config(args.config, args.overrides)
+    else:
+        text = checkpoint.run_config(Path(args.checkpoint))
+        if text is None:
+            raise ConfigError(f"no config of its run found with {args.checkpoint}: pass --config")
+        cfg = load_config(None, args.overrides, text=text)
     env = distributed.detect()
     if env.world_size > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",

@@ -29,7 +29,6 @@ from pipeline.config import Config, ConfigError, config_yaml, load_config  # noq
 from pipeline.data import load_tokenizer  # noqa: E402
 from pipeline.data.tokenizer import check_tokenizer  # noqa: E402
 from pipeline.tasks import get_task  # noqa: E402
-from pipeline.evaluate import check_model_section  # noqa: E402
 from pipeline.preflight import check_model_inputs, require_local_or_hub  # noqa: E402
 from pipeline.tasks.common import TaskLoader, load_pretrained, predict  # noqa: E402
 
@@ -49,7 +48,7 @@ class Runner:
         if cfg.task.init and not Path(cfg.task.init).exists():
             raise ConfigError(f"task.init={cfg.task.init!r}: no such run directory, checkpoint or file")
         if cfg.task.init:  # fine-tuning resamples positions to its own image size; the rest must match
-            check_model_section(cfg.task.init, cfg, allowed=("model.vision.image_size",))
+            checkpoint.check_model_section(cfg.task.init, cfg, allowed=("model.vision.image_size",))
         check_model_inputs(cfg)
         require_local_or_hub(cfg.data.tokenizer, "data.tokenizer", "tokenizer_config.json")
         self.cfg, self.module = cfg, get_task(cfg.task.name)
@@ -107,7 +106,8 @@ class Runner:
         """Best weights -> val and test metrics, metrics.json and the test predictions."""
         best = summary.get("best")
         if best:
-            engine.load_checkpoint(str(checkpoint.checkpoint_root(self.out)), tag=best["tag"], load_module_only=True)
+            with checkpoint.safe_torch_load():
+                engine.load_checkpoint(str(checkpoint.checkpoint_root(self.out)), tag=best["tag"], load_module_only=True)
         report = {"task": self.cfg.task.name, "init": self.cfg.task.init, "steps": summary["step"],
                   "weights": best["tag"] if best else checkpoint.tag_for(summary["step"]), "best": best}
         for split in ("val", "test"):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline import objectives as obj
+from pipeline import distributed, objectives as obj
 
 _QUERIES = ("temperature", "itc_vision", "itc_text", "scl_vision_q", "scl_text_q")  # features with a gradient
 
@@ -89,12 +89,11 @@ def feature_gradients(features: list[dict], loss_cfg):
     return {k: v.detach() for k, v in terms.items()}, total.detach(), per_micro
 
 
-def accumulate(forward, backward, batches: list[dict], loss_cfg, any_rank) -> StepResult:
+def accumulate(forward, backward, batches: list[dict], loss_cfg) -> StepResult:
     """One optimizer step's micro-batches with contrastive negatives across all of them.
 
     `forward(batch, **kw)` is the model (or DeepSpeed engine) call; `backward(loss)` backpropagates
     one micro-batch's loss (DeepSpeed: `engine.backward` then `engine.step`, which divides by A);
-    `any_rank(flag)` is true everywhere when it is true on some rank.
 
     A non-finite contrastive loss drops the whole group before any backward (returns applied=False).
     A non-finite per-sample loss in the second pass can no longer drop its micro-batch (the others'
@@ -108,7 +107,7 @@ def accumulate(forward, backward, batches: list[dict], loss_cfg, any_rank) -> St
             states.append(rng_state(device))
             features.append({k: v.detach() for k, v in forward(batch, features_only=True).items()})
     terms, total, grads = feature_gradients(features, loss_cfg)
-    if any_rank(not torch.isfinite(total).item()):
+    if distributed.any_rank(not torch.isfinite(total).item()):
         return StepResult({}, False)
 
     scale, partial, reports = float(len(batches)), 0, []
@@ -116,7 +115,7 @@ def accumulate(forward, backward, batches: list[dict], loss_cfg, any_rank) -> St
         set_rng_state(state, device)
         out = forward(batch, cached=Cached(feats, g, scale))
         loss, own = out["loss"], {k: v.detach().float() for k, v in out.items() if k in obj.TERMS}
-        if any_rank(not torch.isfinite(loss.detach()).all().item()):
+        if distributed.any_rank(not torch.isfinite(loss.detach()).all().item()):
             partial += 1
             loss, own = out["contrastive_surrogate"], {}
         backward(loss)

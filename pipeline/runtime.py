@@ -21,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline import distributed
+
 log = logging.getLogger("pipeline.runtime")
 
 LOCK = ".lock"
@@ -60,16 +62,16 @@ class OutputLock:
 
 
 @contextlib.contextmanager
-def hold_output_dir(output_dir, is_main: bool, any_rank):
+def hold_output_dir(output_dir, is_main: bool):
     """Rank 0 locks `output_dir` for the body; every rank raises RunInProgress when the lock is held
-    elsewhere (`any_rank(flag)`: the collective OR of a flag), before any model is built."""
+    elsewhere, before any model is built."""
     lock, held = OutputLock(output_dir), None
     if is_main:
         try:
             lock.acquire()
         except RunInProgress as err:
             held = err
-    if any_rank(held is not None):
+    if distributed.any_rank(held is not None):
         raise held or RunInProgress(f"{output_dir} is in use by a live run (rank 0 says which)")
     try:
         yield

@@ -115,8 +115,7 @@ def train_concepts(cfg, steps: int, batch_size: int = 32, seed: int = 0, task_se
         batches = [task.batch(batch_size, g) for _ in range(accum)]
         opt.zero_grad(set_to_none=True)
         if tc.contrastive_accum and accum > 1:
-            # one process: "true on any rank" is the flag itself
-            losses = gradcache.accumulate(forward, backward, batches, cfg.loss, any_rank=bool).losses
+            losses = gradcache.accumulate(forward, backward, batches, cfg.loss).losses
         else:
             outs = []
             for batch in batches:

@@ -122,7 +122,7 @@ def fit(cfg: Config, make_model, make_loader, evaluate=None, best: tuple[str, st
 
     env = engine_lib.init_distributed()
     runtime.exit_with_launcher()
-    with runtime.hold_output_dir(out, env.rank == 0, engine_lib.any_rank):
+    with runtime.hold_output_dir(out, env.rank == 0):
         weights_dir = None
         if elastic:
             if env.rank == 0:
@@ -224,7 +224,7 @@ def _fit(cfg, env, tag_dir, weights_dir, ds_config, make_model, make_loader, eva
                 metrics.update({f"data/skipped/{k}": v for k, v in gather_counters(loader.counters()).items()})
                 monitor.scalars(step, metrics)
                 monitor.print(console_line(step, tc.steps, metrics))
-            stop = engine_lib.any_rank(_checkpoint_requested.is_set())
+            stop = distributed.any_rank(_checkpoint_requested.is_set())
             results = None
             if evaluate is not None and tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.steps):
                 results = evaluate(engine.module, cfg, step) or {}

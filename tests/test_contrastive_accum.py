@@ -57,7 +57,7 @@ def test_cached_gradients_equal_the_doubled_batch_in_process(frames):
 
     model.zero_grad()
     result = gradcache.accumulate(lambda b, **kw: model(b, **kw), lambda loss: (loss / 2).backward(), parts,
-                                  cfg.loss, bool)
+                                  cfg.loss)
     cached = _grads(model)
     model.zero_grad()
     for p in parts:  # plain accumulation: each half sees only its own rows as negatives
@@ -81,7 +81,7 @@ def test_second_pass_replays_dropout_and_keeps_the_per_sample_losses():
     torch.manual_seed(0)
     model = build_model(cfg).train()
     parts, _ = _batches(cfg, frames=2)
-    result = gradcache.accumulate(lambda b, **kw: model(b, **kw), lambda loss: loss.backward(), parts, cfg.loss, bool)
+    result = gradcache.accumulate(lambda b, **kw: model(b, **kw), lambda loss: loss.backward(), parts, cfg.loss)
     assert result.applied and result.partial == 0
     assert float(result.losses["cache_drift"]) == 0.0
     assert {"itc", "itm", "mlm", "scl_vision", "scl_text", "loss"} <= set(result.losses)
@@ -123,7 +123,7 @@ def test_non_finite_contrastive_loss_drops_the_whole_group():
     parts, _ = _batches(cfg)
     parts[1]["pixels"][0] = float("nan")
     calls = []
-    result = gradcache.accumulate(lambda b, **kw: model(b, **kw), calls.append, parts, cfg.loss, bool)
+    result = gradcache.accumulate(lambda b, **kw: model(b, **kw), calls.append, parts, cfg.loss)
     assert not result.applied and result.losses == {} and calls == []  # no backward at all
 
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from train_fixtures import write_train_data
 
-from pipeline import evaluate, finetune, preflight, pretrain
+from pipeline import checkpoint, evaluate, finetune, preflight, pretrain
 from pipeline.config import ConfigError, dump_config, load_config, model_differences, to_dict
 
 
@@ -83,10 +83,10 @@ def test_evaluation_refuses_a_config_of_another_geometry(tmp_path):
     fp32.write_bytes(b"")
     (tmp_path / "model_fp32.yaml").write_text(yaml.safe_dump(to_dict(load_config("tiny"))))
     with pytest.raises(ConfigError, match="model.vision.heads"):
-        evaluate.check_model_section(fp32, other)
-    evaluate.check_model_section(fp32, load_config("tiny", ["model.text.dropout=0.0"]))  # same geometry
+        checkpoint.check_model_section(fp32, other)
+    checkpoint.check_model_section(fp32, load_config("tiny", ["model.text.dropout=0.0"]))  # same geometry
     # fine-tuning may change the image size (positions are resampled), nothing else
     bigger = load_config("tiny", ["model.vision.image_size=64"])
-    evaluate.check_model_section(run, bigger, allowed=("model.vision.image_size",))
+    checkpoint.check_model_section(run, bigger, allowed=("model.vision.image_size",))
     with pytest.raises(ConfigError, match="model.vision.image_size"):
-        evaluate.check_model_section(run, bigger)
+        checkpoint.check_model_section(run, bigger)

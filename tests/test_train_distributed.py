@@ -85,8 +85,11 @@ def test_training_learns_against_a_frozen_model_and_the_stages_agree(runs):
     b_first = read_scalars(runs["resumed"], sorted((runs["resumed"] / "tensorboard").glob("events*"))[:1])
     for loss in (losses[3], b_first["loss/total"], frozen):
         assert loss[1] == pytest.approx(losses[1][1], rel=1e-2)
-    # one optimizer step in, ZeRO-3 (partitioned parameters) still follows ZeRO-1; the step moved the loss
-    assert abs(losses[1][2] - frozen[2]) > 0.05
+    # one optimizer step in, ZeRO-3 (partitioned parameters) still follows ZeRO-1; the step moved the
+    # losses (read per term: their changes can cancel in the weighted total)
+    terms = ("itc", "itm", "mlm", "scl_vision", "scl_text")
+    trained, untrained = read_scalars(root / "zero1"), read_scalars(root / "frozen")
+    assert max(abs(trained[f"loss/{t}"][2] - untrained[f"loss/{t}"][2]) for t in terms) > 0.05
     assert losses[3][2] == pytest.approx(losses[1][2], rel=2e-3)
 
 
@@ -198,7 +201,7 @@ def test_zero_to_fp32_output_loads_into_the_model(runs, tmp_path):
     cfg = load_config(runs["config"])
     # the run's config travels with the weights: evaluation refuses another geometry for them
     from pipeline.config import ConfigError
-    from pipeline.evaluate import check_model_section
+    from pipeline.checkpoint import check_model_section
 
     assert out.with_suffix(".yaml").is_file()
     check_model_section(out, cfg)

@@ -200,10 +200,11 @@ def load_pretrained(model: torch.nn.Module, init: str, allow_missing: tuple[str,
     """Load a pre-training checkpoint into `model` (before DeepSpeed wraps it).
 
     `init`: a pre-training run directory (its newest complete checkpoint), a step_* directory, or a
-    consolidated fp32 file. Keys the task adds (prefixes in `allow_missing`) may be absent; any other
-    missing or unexpected key is an error. A positional embedding of another grid is resampled.
-    Collective when a process group exists: rank 0 consolidates a ZeRO checkpoint once, into
-    `scratch_dir` (the fine-tuning run's directory, which every rank sees), and removes it after.
+    consolidated file (safetensors or torch). Keys the task adds (prefixes in `allow_missing`) may be
+    absent; any other missing or unexpected key is an error. A positional embedding of another grid is
+    resampled. Collective when a process group exists: rank 0 consolidates a ZeRO checkpoint once, into
+    `scratch_dir` (the fine-tuning run's directory, which every rank sees), and removes it after; an
+    error there (a refused file) stops every rank.
     """
     from timm.layers import resample_abs_pos_embed
 
@@ -211,16 +212,21 @@ def load_pretrained(model: torch.nn.Module, init: str, allow_missing: tuple[str,
     if not path.exists():
         raise FileNotFoundError(f"task.init={init!r}: no such run directory, checkpoint or file")
     if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = checkpoint.read_weights(path)[0]
     else:
-        fp32 = Path(scratch_dir) / ".init_fp32.pt"
+        scratch = Path(scratch_dir) / ".init_fp32.safetensors"
+        failed = None
         if distributed.is_main():
-            checkpoint.consolidate(path, fp32)
-        distributed.barrier()
-        state = torch.load(fp32, map_location="cpu", weights_only=True)
+            try:
+                checkpoint.consolidate(path, scratch)
+            except Exception as err:  # noqa: BLE001 - raised below on this rank, reported on the others
+                failed = err
+        if distributed.any_rank(failed is not None):
+            raise failed or checkpoint.CheckpointError(f"task.init={init}: rank 0 could not read it (see its log)")
+        state = checkpoint.read_weights(scratch)[0]
         distributed.barrier()
         if distributed.is_main():
-            fp32.unlink(missing_ok=True)
+            scratch.unlink(missing_ok=True)
     own = model.state_dict()
     key = "vision.pos_embed"
     if key in state and key in own and state[key].shape != own[key].shape:
