@@ -165,6 +165,9 @@ class TrainConfig:
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
     seed: int = 0
     resume: str = "auto"  # "auto", "none" or a checkpoint directory
+    # Stopped by SIGTERM / SIGUSR2 inside a SLURM batch job (time limit, preemption): requeue it at most
+    # this many times (srun and the launchers; slurm/submit.py has its own --max-requeues)
+    max_requeues: int = 10
 
 
 @dataclass

@@ -100,12 +100,17 @@ def barrier() -> None:
 def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is true on any rank (one tiny all_reduce; the flag itself without
     a process group)."""
+    return bool(max_over_ranks(int(bool(flag))))
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest of the ranks' `value` (every rank gets it; the value itself without a process group)."""
     if not is_initialized():
-        return bool(flag)
+        return int(value)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    t = torch.tensor([float(flag)], device=device)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -24,7 +24,7 @@ import logging  # noqa: E402
 
 import torch  # noqa: E402
 
-from pipeline import checkpoint, distributed, trainer  # noqa: E402
+from pipeline import checkpoint, distributed, runtime, trainer  # noqa: E402
 from pipeline.config import Config, ConfigError, config_yaml, load_config  # noqa: E402
 from pipeline.data import load_tokenizer  # noqa: E402
 from pipeline.data.tokenizer import check_tokenizer  # noqa: E402
@@ -161,6 +161,8 @@ def main(argv=None) -> dict:
     summary = finetune(cfg)
     if distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    if summary["stopped_early"]:  # a signal: the step was saved; requeue (SLURM) and exit EXIT_STOPPED
+        runtime.exit_stopped(summary, cfg.train.max_requeues)
     return summary
 
 

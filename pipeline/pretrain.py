@@ -21,7 +21,7 @@ import logging  # noqa: E402
 
 import torch  # noqa: E402
 
-from pipeline import distributed, preflight, retrieval, trainer  # noqa: E402
+from pipeline import distributed, preflight, retrieval, runtime, trainer  # noqa: E402
 from pipeline.config import Config, config_yaml, load_config  # noqa: E402
 from pipeline.data import build_train_loader  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
@@ -71,6 +71,8 @@ def main(argv=None) -> dict:
     summary = train(cfg)
     if distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    if summary["stopped_early"]:  # a signal: the step was saved; requeue (SLURM) and exit EXIT_STOPPED
+        runtime.exit_stopped(summary, cfg.train.max_requeues)
     return summary
 
 

@@ -1,4 +1,4 @@
-"""A run's hold on its output directory and on its launcher.
+"""A run's hold on its output directory, on its launcher, and on the signals that stop it.
 
 - `OutputLock`: rank 0 holds an exclusive `flock` on `<output_dir>/.lock` while the run lives, so a
   second run on the same directory (which would write checkpoints over this one's) refuses to start.
@@ -7,6 +7,10 @@
 - `exit_with_launcher()`: a rank started by torchrun / the deepspeed launcher stops when that
   launcher dies (kill -9 of the launcher would otherwise leave the ranks training, in sessions of
   their own, and writing checkpoints beside a restarted run).
+- `stop_on_signals()`: SIGTERM, SIGUSR2 and SIGINT (what torchrun, the deepspeed launcher, SLURM at a
+  time limit or preemption, and a Ctrl-C send) ask for a checkpoint at the next step boundary; every
+  rank finishes its step, all save, and the entry point exits with EXIT_STOPPED (`exit_stopped`),
+  requeueing a SLURM batch job first.
 """
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ import errno
 import fcntl
 import logging
 import os
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -103,3 +109,64 @@ def exit_with_launcher(poll_s: float = 1.0) -> None:
 
     threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
     _watching = True
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal after saving the step's checkpoint; the same command resumes
+
+
+@contextlib.contextmanager
+def stop_on_signals(request):
+    """Within: SIGTERM, SIGUSR2 and SIGINT call `request()` (save at the next step boundary, then stop)
+    instead of ending the process; a second SIGINT interrupts at once. Yields the signals received.
+    Launchers wait before killing (torchrun and the deepspeed launcher 30 s, SLURM its KillWait):
+    a step and a save must fit in that time."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield received
+        return
+
+    def handler(signum, frame):
+        if signum == signal.SIGINT and signal.SIGINT in received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        request()
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def exit_stopped(summary: dict, max_requeues: int) -> None:
+    """End an entry point whose run a signal stopped after saving: say so (rank 0), requeue the SLURM
+    batch job it runs in (SIGTERM or SIGUSR2: a time limit or a preemption; at most `max_requeues`
+    times), and exit with EXIT_STOPPED on every rank."""
+    from pipeline import distributed
+
+    name = summary.get("signal") or "a checkpoint request"
+    if distributed.detect().rank == 0:
+        print(f"stopped by {name} after saving step {summary['step']} ({summary['checkpoint']}); the same "
+              "command resumes from it", flush=True)
+        if name in ("SIGTERM", "SIGUSR2") and os.environ.get("SLURM_JOB_ID"):
+            requeue(os.environ["SLURM_JOB_ID"], max_requeues)
+    sys.stdout.flush()
+    sys.exit(EXIT_STOPPED)
+
+
+def requeue(job_id: str, max_requeues: int) -> bool:
+    """`scontrol requeue` the job unless it was requeued `max_requeues` times (SLURM_RESTART_COUNT)."""
+    done = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    if done >= max_requeues:
+        print(f"not requeued: job {job_id} was requeued {done} times (train.max_requeues={max_requeues})", flush=True)
+        return False
+    out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    if out.returncode == 0:
+        print(f"requeued job {job_id} (requeue {done + 1} of {max_requeues})", flush=True)
+        return True
+    print(f"job {job_id} could not be requeued ({(out.stderr or out.stdout).strip()}); submit it again to "
+          "resume", flush=True)
+    return False
+

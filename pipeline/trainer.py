@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -122,7 +123,7 @@ def fit(cfg: Config, make_model, make_loader, evaluate=None, best: tuple[str, st
 
     env = engine_lib.init_distributed()
     runtime.exit_with_launcher()
-    with runtime.hold_output_dir(out, env.rank == 0):
+    with runtime.hold_output_dir(out, env.rank == 0), runtime.stop_on_signals(request_checkpoint) as received:
         weights_dir = None
         if elastic:
             if env.rank == 0:
@@ -131,8 +132,11 @@ def fit(cfg: Config, make_model, make_loader, evaluate=None, best: tuple[str, st
                 checkpoint.to_universal(tag_dir)
             distributed.barrier()
             weights_dir = checkpoint.universal_dir(tag_dir)
-        return _fit(cfg, env, tag_dir, weights_dir, ds_config, make_model, make_loader, evaluate, best,
-                    client_state, finish)
+        summary = _fit(cfg, env, tag_dir, weights_dir, ds_config, make_model, make_loader, evaluate, best,
+                       client_state, finish)
+        got = distributed.max_over_ranks(received[0] if received else 0)  # the signal may reach one rank only
+        summary["signal"] = signal.Signals(got).name if got else None
+        return summary
 
 
 def _fit(cfg, env, tag_dir, weights_dir, ds_config, make_model, make_loader, evaluate, best, client_state,
@@ -224,7 +228,7 @@ def _fit(cfg, env, tag_dir, weights_dir, ds_config, make_model, make_loader, eva
                 metrics.update({f"data/skipped/{k}": v for k, v in gather_counters(loader.counters()).items()})
                 monitor.scalars(step, metrics)
                 monitor.print(console_line(step, tc.steps, metrics))
-            stop = distributed.any_rank(_checkpoint_requested.is_set())
+            stop = distributed.any_rank(_checkpoint_requested.is_set()) and step < tc.steps  # the last step ends anyway
             results = None
             if evaluate is not None and tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.steps):
                 results = evaluate(engine.module, cfg, step) or {}
