@@ -224,6 +224,54 @@ def test_submitting_into_a_job_dir_resumes_and_max_requeues_bounds_it(jobs):
     assert (a_dir / "checkpoints" / "latest").read_text() == f"step_{k:08d}"
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_srun_job_at_its_time_limit_saves_its_step_and_resumes_bit_identically(slurm_env, tmp_path):
+    """`srun python pipeline/pretrain.py` in a batch job of 2 nodes, stopped by SLURM at its 1-minute
+    limit (SIGTERM to every task): the ranks save the step they were on and exit 75. Resumed from the
+    job's last periodic checkpoint, a run recomputes the job's later steps bit for bit (the LR schedule
+    is flat after warmup here, so it does not depend on train.steps)."""
+    from pipeline import checkpoint
+    from train_fixtures import _finish, _torchrun
+
+    config = write_train_data(tmp_path)
+    run, out = tmp_path / "run", tmp_path / "job.out"
+    script = tmp_path / "job.sh"
+    script.write_text(f"""#!/bin/bash
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --time=1
+#SBATCH --output={out}
+export PYTHONPATH={REPO} NO_ALBUMENTATIONS_UPDATE=1 TOKENIZERS_PARALLELISM=false
+cd {REPO}
+srun {sys.executable} pipeline/pretrain.py --config {config} train.zero_stage=2 train.output_dir={run} \\
+    train.steps=100000 train.min_lr_ratio=1.0 train.save_every=25 train.keep_last=3 train.log_every=1 \\
+    train.max_requeues=0
+""")
+    sub = subprocess.run(["sbatch", "--parsable", str(script)], env=slurm_env, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().split(";")[0]
+    _wait(lambda: "stopped by" in _text(out) and not _in_queue(slurm_env, job_id), f"job {job_id}", [out])
+    log = out.read_text()
+    for task in (0, 1):  # srun's report of each task
+        assert re.search(rf"task {task}: Exited with exit code 75", log), log[-3000:]
+    assert "not requeued: job" in log
+    k = int(re.search(r"stopped by SIGTERM after saving step (\d+)", log).group(1))
+    tag = run / "checkpoints" / f"step_{k:08d}"
+    assert checkpoint.is_complete(tag) and checkpoint.verify(tag) == []
+    periodic = (k - 1) // 25 * 25
+    assert periodic >= 25, k
+    again = tmp_path / "again"
+    _finish(_torchrun(["pipeline/pretrain.py", "--config", config, "train.zero_stage=2", f"train.output_dir={again}",
+                       f"train.steps={k}", "train.min_lr_ratio=1.0", "train.log_every=1", "train.save_every=1000",
+                       f"--resume={run / 'checkpoints' / f'step_{periodic:08d}'}"], tmp_path / "again.log"),
+            tmp_path / "again.log")
+    job, resumed = read_scalars(run)["loss/total"], read_scalars(again)["loss/total"]
+    assert sorted(resumed) == list(range(periodic + 1, k + 1))
+    for step in resumed:
+        assert resumed[step] == job[step], step
+
+
 def test_dry_run_prints_the_sbatch_script_and_submits_nothing(tmp_path):
     out = subprocess.run([*SUBMIT, "--nodes", "8", "--gpus-per-node", "8", "--time", "72:00:00", "--partition",
                           "gpu", "--account", "proj", "--qos", "high", "--constraint", "h100", "--dry-run"],
