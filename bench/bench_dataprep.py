@@ -100,7 +100,7 @@ def main() -> None:
             cfg = CorpusConfig(name="bench", format="cc3m", input=str(work / "list.tsv"),
                                output_dir=str(work / f"stage_{r}"), image_size=args.image_size,
                                resize_mode="keep_ratio", processes=args.processes, threads=args.threads,
-                               shard_size=args.shard_size, timeout=10, retries=2)
+                               shard_size=args.shard_size, timeout=10, retries=2, allow_private_urls=True)
             download_s, validate_s = through_stage(cfg)
             n = successes(Path(cfg.output_dir))
             rates["stage"].append(n / download_s)

@@ -24,6 +24,7 @@ RESERVED_COLUMNS = frozenset(
 )
 
 _REASON_PATTERNS = [
+    (re.compile(r"refused: (\w+)"), lambda m: f"refused: {m.group(1)}"),  # dataprep/urls.py
     (re.compile(r"HTTP Error (\d{3})"), lambda m: f"http_{m.group(1)}"),
     (re.compile(r"timed? ?out", re.I), lambda m: "timeout"),
     (re.compile(r"IncompleteRead|incomplete read|truncated download", re.I), lambda m: "truncated_download"),

@@ -36,6 +36,9 @@ class CorpusConfig:
     threads: int = 32
     retries: int = 2
     timeout: float = 10
+    # URLs of local files (file://) and of loopback, private or link-local addresses are refused unless
+    # true (dataprep/urls.py): for a trusted intranet mirror or a loopback test server
+    allow_private_urls: bool = False
     incremental: bool = True  # skip finished shards; False starts the shard folder afresh
     table_changed: str = "error"  # or "fresh": when the table differs from the one the shards came from
     # images (img2dataset's options)

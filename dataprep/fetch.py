@@ -1,4 +1,8 @@
-"""Getting one sample's bytes: over HTTP (timeout, retries, size cap) or from a local path."""
+"""Getting one sample's bytes: over HTTP (timeout, retries, size cap) or from a local path.
+
+Unless the corpus allows private addresses, a URL (and every redirect) must name a public http(s)
+address (dataprep/urls.py): it is checked right before connecting.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,28 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .urls import url_problem
+
 USER_AGENT = "scl-pretrain-dataprep/0.1 (research data preparation)"
 
 
-def _http_get(url: str, timeout: float, max_bytes: int) -> bytes:
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to a URL dataprep may fetch (a public address can redirect inwards)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        problem = url_problem(newurl)
+        if problem:
+            raise urllib.error.URLError(f"refused: {problem} (redirect to {newurl})")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_PUBLIC_ONLY = urllib.request.build_opener(_CheckedRedirects)
+
+
+def _http_get(url: str, timeout: float, max_bytes: int, allow_private: bool = False) -> bytes:
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    opener = urllib.request.urlopen if allow_private else _PUBLIC_ONLY.open
+    with opener(request, timeout=timeout) as response:
         data = response.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise ValueError(f"file too large (over {max_bytes} bytes)")
@@ -23,10 +43,13 @@ def _http_get(url: str, timeout: float, max_bytes: int) -> bytes:
         return data
 
 
-def fetch(row: dict, timeout: float = 10, retries: int = 2,
-          max_bytes: int = 512 << 20) -> tuple[bytes | None, str | None]:
+def fetch(row: dict, timeout: float = 10, retries: int = 2, max_bytes: int = 512 << 20,
+          allow_private: bool = False) -> tuple[bytes | None, str | None]:
     """Return (data, None) or (None, error message); never raises."""
     url = row.get("url")
+    problem = url_problem(url) if url and not allow_private else None
+    if problem:
+        return None, f"refused: {problem} ({url})"
     if not url:
         path = Path(str(row.get("path", "")))
         try:
@@ -38,14 +61,14 @@ def fetch(row: dict, timeout: float = 10, retries: int = 2,
     error = None
     for attempt in range(retries + 1):
         try:
-            return _http_get(url, timeout, max_bytes), None
+            return _http_get(url, timeout, max_bytes, allow_private), None
         except urllib.error.HTTPError as err:
             error = str(err)
             if 400 <= err.code < 500 and err.code not in (408, 429):
                 break  # the resource is not there; asking again will not change it
         except Exception as err:  # noqa: BLE001 - any failure of one URL is that sample's failure
             error = str(err) or type(err).__name__
-            if "too large" in error:
+            if "too large" in error or "refused: " in error:
                 break
         if attempt < retries:
             time.sleep(0.2 * (attempt + 1))

@@ -28,6 +28,7 @@ class ImageOptions:
     timeout: float = 10
     retries: int = 2
     max_bytes: int = 64 << 20
+    allow_private_urls: bool = False
 
 
 def _resizer(opts: ImageOptions):
@@ -47,7 +48,7 @@ class LocalImageProcessor:
         self._resize = None  # built in the worker process: cv2 objects do not travel well
 
     def __call__(self, row: dict) -> SampleResult:
-        data, error = fetch(row, self.opts.timeout, self.opts.retries, self.opts.max_bytes)
+        data, error = fetch(row, self.opts.timeout, self.opts.retries, self.opts.max_bytes, self.opts.allow_private_urls)
         if data is None:
             return SampleResult("failed_to_download", error_message=error)
         if self._resize is None:

@@ -16,7 +16,7 @@ from collections import Counter
 
 import pandas as pd
 
-from . import synthetic
+from . import synthetic, urls
 from .common import DataprepError, failure_reason, join, read_json, records, url_to_fs, write_json
 from .config import CorpusConfig
 from .images import ImageOptions, LocalImageProcessor, clear_index, img2dataset_download
@@ -40,6 +40,8 @@ def annotations(cfg: CorpusConfig) -> dict:
     if not cfg.input:
         raise DataprepError(f"{cfg.name}: no input annotation file (set `input` or pass --input)")
     df, report = read_corpus(cfg.format, cfg.input, cfg.name, cfg.reader, cfg.url_template, cfg.path_template)
+    if "url" in df.columns and not cfg.allow_private_urls:
+        df, report = _refuse_unsafe_urls(cfg, df, report)
     fs, root = url_to_fs(cfg.output_dir)
     fs.makedirs(join(root, "_prep"), exist_ok=True)
     path = join(root, TABLE)
@@ -53,10 +55,27 @@ def annotations(cfg: CorpusConfig) -> dict:
     return report
 
 
+def _refuse_unsafe_urls(cfg: CorpusConfig, df: pd.DataFrame, report: dict) -> tuple[pd.DataFrame, dict]:
+    """Rows whose URL is a local file or a loopback, private or link-local address leave the table,
+    counted per reason (dataprep/urls.py)."""
+    reasons = urls.refuse_unsafe(df["url"].tolist(), cfg.threads)
+    refused = urls.count(reasons)
+    if not refused:
+        return df, report
+    df = df[[r is None for r in reasons]].reset_index(drop=True)
+    report = {**report, "rows_kept": int(len(df)),
+              "rejected": dict(sorted((Counter(report["rejected"]) + refused).items()))}
+    _say("annotations", cfg, f"refused {sum(refused.values())} rows whose URL names a local file or a non-public "
+                             f"address ({', '.join(f'{k[9:]}: {v}' for k, v in sorted(refused.items()))}); "
+                             "allow_private_urls: true lets them through, for sources you trust")
+    return df, report
+
+
 def _image_options(cfg: CorpusConfig) -> ImageOptions:
     return ImageOptions(image_size=cfg.image_size, resize_mode=cfg.resize_mode, min_image_size=cfg.min_image_size,
                         max_aspect_ratio=cfg.max_aspect_ratio, encode_quality=cfg.encode_quality,
-                        timeout=cfg.timeout, retries=cfg.retries, max_bytes=cfg.max_bytes)
+                        timeout=cfg.timeout, retries=cfg.retries, max_bytes=cfg.max_bytes,
+                        allow_private_urls=cfg.allow_private_urls)
 
 
 def _video_options(cfg: CorpusConfig) -> VideoOptions:
@@ -64,7 +83,7 @@ def _video_options(cfg: CorpusConfig) -> VideoOptions:
                         max_duration=cfg.max_duration, max_source_duration=cfg.max_source_duration,
                         timeout=cfg.timeout, retries=cfg.retries, max_bytes=cfg.max_bytes,
                         keyframe_interval=cfg.video_keyframe_interval, frames=cfg.video_frames,
-                        frame_quality=cfg.video_frame_quality)
+                        frame_quality=cfg.video_frame_quality, allow_private_urls=cfg.allow_private_urls)
 
 
 def download(cfg: CorpusConfig) -> dict:

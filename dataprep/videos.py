@@ -49,6 +49,7 @@ class VideoOptions:
     timeout: float = 30.0
     retries: int = 2
     max_bytes: int = 512 << 20
+    allow_private_urls: bool = False
     crf: int = 23
     keyframe_interval: int | None = 4  # frames from one keyframe to the next, no B-frames; None: x264's own GOP
     frames: int = 8  # JPEG frames stored beside the clip (fewer for shorter clips); 0: the clip only
@@ -212,7 +213,7 @@ class VideoProcessor:
         self.opts = opts
 
     def __call__(self, row: dict) -> SampleResult:
-        data, error = fetch(row, self.opts.timeout, self.opts.retries, self.opts.max_bytes)
+        data, error = fetch(row, self.opts.timeout, self.opts.retries, self.opts.max_bytes, self.opts.allow_private_urls)
         if data is None:
             return SampleResult("failed_to_download", error_message=error)
         try:

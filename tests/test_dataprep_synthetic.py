@@ -123,11 +123,13 @@ def test_loopback_server_serves_files_and_injects_faults(corpus):
             urllib.request.urlopen(srv.url + "/images/train_000002.jpg")
         assert err.value.code == 404
         assert urllib.request.urlopen(srv.url + "/fake.jpg").read() == b"<html>no</html>"
-        data, error = fetch({"url": srv.url + "/images/train_000003.jpg"}, timeout=5, retries=0)
+        data, error = fetch({"url": srv.url + "/images/train_000003.jpg"}, timeout=5, retries=0, allow_private=True)
         assert data is None and "truncated" in error
-        data, error = fetch({"url": srv.url + "/images/train_000002.jpg"}, timeout=5, retries=3)
+        data, error = fetch({"url": srv.url + "/images/train_000002.jpg"}, timeout=5, retries=3, allow_private=True)
         assert data is None and error == "HTTP Error 404: Not Found"
+        data, error = fetch({"url": srv.url + "/images/train_000001.jpg"}, timeout=5, retries=0)
+        assert data is None and error.startswith("refused: loopback_address")  # not allowed by default
         url = srv.url
-    data, error = fetch({"url": url + "/images/train_000001.jpg"}, timeout=2, retries=0)
-    assert data is None and "refused" in error.lower()  # stopped with the context
+    data, error = fetch({"url": url + "/images/train_000001.jpg"}, timeout=2, retries=0, allow_private=True)
+    assert data is None and "connection refused" in error.lower()  # stopped with the context
     Image.open(io.BytesIO(real)).verify()

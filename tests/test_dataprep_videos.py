@@ -81,7 +81,7 @@ def prepared(source, tmp_path_factory):
             w.writerow(["1", "   ", "1", "d", "PT00H00M01S", f"{srv.url}/1.mp4"])  # empty caption
             w.writerow(["2", "no link", "1", "d", "PT00H00M01S", "not a link"])
             w.writerow(["3", "nobody listens there", "1", "d", "PT00H00M01S", "http://127.0.0.1:9/3.mp4"])
-        cfg = CorpusConfig(name="webvid", modality="video", format="webvid", input=str(table),
+        cfg = CorpusConfig(name="webvid", modality="video", format="webvid", input=str(table), allow_private_urls=True,
                            output_dir=str(tmp / "shards"), shard_size=3, threads=3, retries=1, timeout=10,
                            video_size=64, fps=4, max_duration=2, max_source_duration=threshold)
         stages.annotations(cfg)
@@ -195,7 +195,8 @@ def test_killed_download_resumes_without_redoing_finished_shards(tmp_path):
         pd.DataFrame({"url": [f"{srv.url}/{i}.mp4" for i in range(12)],
                       "caption": [f"clip {i}" for i in range(12)]}).to_csv(table, index=False)
         settings = {"name": "clips", "modality": "video", "format": "generic", "input": str(table),
-                    "output_dir": str(tmp_path / "shards"), "shard_size": 2, "threads": 1, "video_size": 32}
+                    "output_dir": str(tmp_path / "shards"), "shard_size": 2, "threads": 1, "video_size": 32,
+                    "allow_private_urls": True}
         config = tmp_path / "clips.yaml"
         config.write_text(yaml.safe_dump(settings))
         cfg = CorpusConfig(**settings)

@@ -64,3 +64,63 @@ def test_a_bad_count_in_sizes_json_names_the_file_and_the_shard(tmp_path, value,
     (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 4, "00001.tar": value}))
     with pytest.raises(DataError, match=rf"{tmp_path}/sizes.json: shard 00001.tar has count {shown}"):
         resolve_source("d", "image", 1.0, str(tmp_path / "{00000..00001}.tar"))
+
+
+# ---------------------------------------------------------------- annotation URLs
+@pytest.mark.parametrize("url,problem", [
+    ("file:///etc/passwd", "file_url"), ("FILE:///tmp/x.png", "file_url"), ("ftp://example.org/a.jpg", "unsupported_scheme"),
+    ("http://127.0.0.1:8000/a.jpg", "loopback_address"), ("http://localhost/a.jpg", "loopback_address"),
+    ("http://[::1]/a.jpg", "loopback_address"), ("http://[::ffff:127.0.0.1]/a.jpg", "loopback_address"),
+    ("http://2130706433/a.jpg", "loopback_address"),  # 127.0.0.1 written as one number: resolved, then judged
+    ("http://169.254.169.254/latest/meta-data/", "link_local_address"), ("http://10.1.2.3/a.jpg", "private_address"),
+    ("http://192.168.0.7/a.jpg", "private_address"), ("http://0.0.0.0/a.jpg", "reserved_address"),
+    ("https://93.184.216.34/a.jpg", None), ("http://images.example.org/a.jpg", None),  # public / unresolvable here
+])
+def test_urls_that_reach_local_files_or_internal_addresses_are_named(url, problem):
+    from dataprep.urls import url_problem
+
+    assert url_problem(url) == problem
+
+
+def test_a_redirect_inwards_is_refused():
+    import urllib.error
+
+    from dataprep.fetch import _CheckedRedirects
+
+    with pytest.raises(urllib.error.URLError, match="refused: link_local_address"):
+        _CheckedRedirects().redirect_request(None, None, 302, "Found", {}, "http://169.254.169.254/latest/meta-data/")
+
+
+@pytest.mark.slow
+def test_annotation_rows_of_local_files_and_loopback_servers_are_refused_unless_allowed(tmp_path):
+    """A CC3M list whose rows name a local file (file://) and a server on 127.0.0.1, through the real
+    stages (img2dataset downloads): refused and counted by default; fetched once the corpus allows it."""
+    import io
+
+    from PIL import Image
+
+    from dataprep import stages
+    from dataprep.config import CorpusConfig
+    from dataprep.serve import LoopbackServer
+
+    www = tmp_path / "www"
+    www.mkdir()
+    for name, colour in (("inside.jpg", (200, 0, 0)), ("secret.png", (0, 0, 200))):
+        buf = io.BytesIO()
+        Image.new("RGB", (48, 40), colour).save(buf, "PNG" if name.endswith(".png") else "JPEG")
+        (www / name).write_bytes(buf.getvalue())
+    with LoopbackServer(www) as srv:
+        (tmp_path / "list.tsv").write_text(f"a red picture\t{srv.url}/inside.jpg\n"
+                                           f"a blue secret\tfile://{www / 'secret.png'}\n")
+        for allow in (False, True):
+            cfg = CorpusConfig(name="web", format="cc3m", input=str(tmp_path / "list.tsv"), image_size=32,
+                               output_dir=str(tmp_path / f"shards_{allow}"), shard_size=4, threads=2, retries=0,
+                               timeout=5, allow_private_urls=allow)
+            table = stages.annotations(cfg)
+            stages.download(cfg)
+            report = stages.validate_stage(cfg)
+            if not allow:
+                assert table["rejected"] == {"refused: file_url": 1, "refused: loopback_address": 1}
+                assert table["rows_kept"] == 0 and report["samples"]["valid"] == 0
+            else:
+                assert table["rows_kept"] == 2 and report["samples"]["valid"] == 2
