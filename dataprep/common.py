@@ -59,6 +59,20 @@ def failure_reason(message: str | None) -> str:
     return "other: " + text[:80]
 
 
+# Failures worth asking again: the server or the network may answer next time (a 404 will not).
+RETRIABLE = {"timeout", "connection_error", "truncated_download", "http_408", "http_429"}
+
+
+def retriable(reason: str) -> bool:
+    return reason in RETRIABLE or bool(re.fullmatch(r"http_5\d\d", reason))
+
+
+def retriable_failures(stats: dict) -> int:
+    """Rows of a shard (its _stats.json) that failed for a reason worth retrying."""
+    return sum(n for message, n in stats.get("status_dict", {}).items()
+               if message != "success" and retriable(failure_reason(message)))
+
+
 def url_to_fs(url: str):
     return fsspec.core.url_to_fs(str(url))
 

@@ -36,6 +36,10 @@ class CorpusConfig:
     threads: int = 32
     retries: int = 2
     timeout: float = 10
+    # A later download writes a shard again while its rows failed for a reason worth retrying (timeouts,
+    # refused or reset connections, 5xx, 408, 429), at most this many times; validate fails until then
+    retry_rounds: int = 2
+    min_success: float = 0.0  # validate fails for a shard whose share of downloaded rows is below this
     # URLs of local files (file://) and of loopback, private or link-local addresses are refused unless
     # true (dataprep/urls.py): for a trusted intranet mirror or a loopback test server
     allow_private_urls: bool = False

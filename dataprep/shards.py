@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from .common import join, url_to_fs
+from .common import join, read_json, retriable_failures, url_to_fs, write_json
 
 STATS_RE = re.compile(r"^(\d+)_stats\.json$")
 
@@ -51,6 +51,44 @@ def finished_shards(output_dir: str) -> set[int]:
 
 
 SHARD_FILE_RE = re.compile(r"^\d+(\.tar|\.parquet|_stats\.json)(\.tmp)?$")
+RETRIES = "_prep/retries.json"  # {shard id: times its retriable failures were retried}
+
+
+def retry_rounds(output_dir: str) -> dict[int, int]:
+    fs, path = url_to_fs(output_dir)
+    file = join(path, RETRIES)
+    return {int(k): v for k, v in read_json(fs, file).items()} if fs.exists(file) else {}
+
+
+def shards_to_retry(output_dir: str, max_rounds: int) -> dict[int, int]:
+    """{shard id: retriable failures} of the finished shards whose rows failed for a reason worth
+    asking again (timeouts, refused or reset connections, 5xx, 408, 429), retried fewer than
+    `max_rounds` times."""
+    fs, path = url_to_fs(output_dir)
+    if not fs.exists(path):
+        return {}
+    rounds, out = retry_rounds(output_dir), {}
+    for name in fs.ls(path, detail=False):
+        m = STATS_RE.match(name.rsplit("/", 1)[-1])
+        if m and rounds.get(int(m.group(1)), 0) < max_rounds:
+            n = retriable_failures(read_json(fs, name))
+            if n:
+                out[int(m.group(1))] = n
+    return out
+
+
+def reopen_shards(output_dir: str, shard_ids) -> None:
+    """Remove these shards' files so that the next download writes them again, and count the round."""
+    fs, path = url_to_fs(output_dir)
+    ids = set(shard_ids)
+    for p in fs.ls(path, detail=False):
+        m = re.match(r"^(\d+)(\.tar|\.parquet|_stats\.json)(\.tmp)?$", p.rsplit("/", 1)[-1])
+        if m and int(m.group(1)) in ids:
+            fs.rm(p)
+    rounds = retry_rounds(output_dir)
+    for i in ids:
+        rounds[i] = rounds.get(i, 0) + 1
+    write_json(fs, join(path, RETRIES), {str(k): v for k, v in sorted(rounds.items())})
 
 
 def remove_shards(output_dir: str) -> int:

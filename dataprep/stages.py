@@ -22,7 +22,7 @@ from .config import CorpusConfig
 from .images import ImageOptions, LocalImageProcessor, clear_index, img2dataset_download
 from .readers import read_corpus
 from .serve import LoopbackServer
-from .shards import STATS_RE, finished_shards, plan_jobs, remove_shards, run_jobs
+from .shards import STATS_RE, finished_shards, plan_jobs, remove_shards, reopen_shards, run_jobs, shards_to_retry
 from .validate import validate
 from .videos import VideoOptions, VideoProcessor
 
@@ -95,6 +95,11 @@ def download(cfg: CorpusConfig) -> dict:
         df = pd.read_parquet(f)
     _check_table(cfg, df)
     n_shards = -(-len(df) // cfg.shard_size)
+    retry = shards_to_retry(cfg.output_dir, cfg.retry_rounds)
+    if retry:
+        reopen_shards(cfg.output_dir, retry)
+        _say("download", cfg, f"retrying {len(retry)} shard(s) whose {sum(retry.values())} rows failed for a reason "
+                              f"worth asking again (retry_rounds={cfg.retry_rounds})")
     done_before = finished_shards(cfg.output_dir)
     todo = [i for i in range(n_shards) if i not in done_before]
     _say("download", cfg, f"{len(df)} rows in {n_shards} shards, {len(todo)} to do")
@@ -174,7 +179,15 @@ def summarise(output_dir: str) -> dict:
 
 
 def validate_stage(cfg: CorpusConfig, decode: bool = True) -> dict:
-    report = validate(cfg.output_dir, decode=decode, workers=max(1, cfg.processes))
+    report = validate(cfg.output_dir, decode=decode, workers=max(1, cfg.processes), min_success=cfg.min_success,
+                      retry_rounds=cfg.retry_rounds)
+    rates = report["shards"]["success_rate"]
+    shown = sorted(rates.items(), key=lambda kv: kv[1])[:20]
+    for name, rate in shown:
+        _say("validate", cfg, f"{name}: {100 * rate:.1f}% of its rows downloaded")
+    if len(rates) > len(shown):
+        _say("validate", cfg, f"... {len(rates) - len(shown)} more shards, all at or above "
+                              f"{100 * shown[-1][1]:.1f}% (each shard's rate: report.json)")
     status = "ok" if report["ok"] else "PROBLEMS"
     _say("validate", cfg, f"{status}: {report['samples']['valid']} valid samples in "
                           f"{report['shards']['indexed']}/{report['shards']['total']} indexed shards, "

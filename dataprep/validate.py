@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .common import failure_reason, join, read_json, url_to_fs, write_json
+from .shards import shards_to_retry
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
@@ -178,8 +179,13 @@ def _normalise_message(message: str) -> str:
     return re.sub(r"0x[0-9a-fA-F]+", "0x…", str(message))
 
 
-def validate(output_dir: str, decode: bool = True, workers: int = 2) -> dict:
-    """Check every shard in `output_dir`; write sizes.json and report.json; return the report."""
+def validate(output_dir: str, decode: bool = True, workers: int = 2, min_success: float = 0.0,
+             retry_rounds: int | None = None) -> dict:
+    """Check every shard in `output_dir`; write sizes.json and report.json; return the report.
+
+    Not ok (besides broken shards): a shard whose share of downloaded rows is below `min_success`,
+    and, with `retry_rounds`, rows that failed for a reason worth retrying that the next download
+    would still retry."""
     fs, root = url_to_fs(output_dir)
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) if fs.exists(root) else []
     tars = [n for n in names if TAR_RE.match(n)]
@@ -209,6 +215,15 @@ def validate(output_dir: str, decode: bool = True, workers: int = 2) -> dict:
             (errors if flag.startswith(BLOCKING) else warnings).append(f"{check.name}: {flag}")
     if leftovers:
         errors.append(f"temporary files of an interrupted run: {leftovers} (run the download again)")
+    rates = {f"{sid}.tar": (s["successes"] / s["count"] if s["count"] else 1.0) for sid, s in sorted(stats.items())}
+    low = {name: rate for name, rate in rates.items() if rate < min_success}
+    if low:
+        errors.append(f"{len(low)} shard(s) below min_success={min_success}: "
+                      + ", ".join(f"{n} {100 * r:.1f}%" for n, r in sorted(low.items(), key=lambda kv: kv[1])[:10]))
+    retry = shards_to_retry(output_dir, retry_rounds) if retry_rounds is not None else {}
+    if retry:
+        errors.append(f"{sum(retry.values())} rows of {len(retry)} shard(s) failed for a reason worth retrying "
+                      "(timeout, connection, 5xx, 408, 429): run the download again")
 
     annotations = read_json(fs, join(root, ANNOTATIONS_REPORT)) if fs.exists(join(root, ANNOTATIONS_REPORT)) else None
     attempted = sum(s["count"] for s in stats.values())
@@ -244,7 +259,8 @@ def validate(output_dir: str, decode: bool = True, workers: int = 2) -> dict:
                         - min((s["start_time"] for s in stats.values()), default=0), 3),
         "video_seconds": round(sum(c.video_seconds for c in checks), 3),
         "shards": {"total": len(tars), "indexed": len(sizes),
-                   "flagged": {c.name: c.flags for c in checks if c.flags}},
+                   "flagged": {c.name: c.flags for c in checks if c.flags}, "success_rate": rates},
+        "retriable_failures": sum(retry.values()),
         "errors": errors,
         "warnings": warnings,
         "ok": not errors,

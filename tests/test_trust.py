@@ -124,3 +124,49 @@ def test_annotation_rows_of_local_files_and_loopback_servers_are_refused_unless_
                 assert table["rows_kept"] == 0 and report["samples"]["valid"] == 0
             else:
                 assert table["rows_kept"] == 2 and report["samples"]["valid"] == 2
+
+
+# ---------------------------------------------------------------- failed downloads
+@pytest.mark.slow
+def test_retriable_failures_are_retried_by_the_next_download_and_keep_validate_failing(tmp_path, capsys):
+    """40 images in 4 shards through img2dataset; the server answers 503 for 10 of them (in shards 0
+    and 2). validate fails and names the shards' success rates until a second download, once the
+    server is back, fetched them; a 404 is final and only min_success judges it."""
+    import io
+
+    from PIL import Image
+
+    from dataprep import stages
+    from dataprep.config import CorpusConfig
+    from dataprep.serve import Faults, LoopbackServer
+
+    www = tmp_path / "www"
+    www.mkdir()
+    for i in range(40):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 32), (6 * i, 90, 30)).save(buf, "JPEG")
+        (www / f"{i}.jpg").write_bytes(buf.getvalue())
+    faults = Faults(status={f"/{i}.jpg": 503 for i in (*range(0, 5), *range(20, 25))})
+    with LoopbackServer(www, faults) as srv:
+        (tmp_path / "list.tsv").write_text("".join(f"picture number {i}\t{srv.url}/{i}.jpg\n" for i in range(40)))
+        cfg = CorpusConfig(name="web", format="cc3m", input=str(tmp_path / "list.tsv"), image_size=32, shard_size=10,
+                           output_dir=str(tmp_path / "shards"), threads=4, retries=0, timeout=5,
+                           allow_private_urls=True)
+        stages.annotations(cfg)
+        assert stages.download(cfg)["succeeded"] == 30
+        report = stages.validate_stage(cfg)
+        assert not report["ok"] and report["retriable_failures"] == 10
+        assert report["shards"]["success_rate"] == {"00000.tar": 0.5, "00001.tar": 1.0, "00002.tar": 0.5,
+                                                    "00003.tar": 1.0}
+        out = capsys.readouterr().out
+        assert "00000.tar: 50.0% of its rows downloaded" in out and "worth retrying" in out
+        faults.status.clear()  # the server is back
+        faults.status["/7.jpg"] = 404  # ... but one image of a retried shard is gone for good
+        summary = stages.download(cfg)
+        assert "retrying 2 shard(s)" in capsys.readouterr().out
+    assert summary["succeeded"] == 39
+    report = stages.validate_stage(cfg)  # a 404 is no reason to retry: ok
+    assert report["ok"] and report["samples"]["valid"] == 39 and report["retriable_failures"] == 0
+    assert report["shards"]["success_rate"]["00000.tar"] == 0.9
+    strict = stages.validate_stage(CorpusConfig(**{**cfg.__dict__, "min_success": 0.95}))
+    assert not strict["ok"] and "1 shard(s) below min_success=0.95: 00000.tar 90.0%" in strict["errors"][0]
