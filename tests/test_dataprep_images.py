@@ -63,7 +63,8 @@ def _write_list(path: Path, base: str, items) -> None:
 def _config(tmp: Path) -> CorpusConfig:
     return CorpusConfig(name="coco_web", modality="image", format="cc3m", input=str(tmp / "list.tsv"),
                         output_dir=str(tmp / "shards"), shard_size=8, processes=1, threads=8, retries=1,
-                        timeout=5, image_size=64, min_image_size=16, allow_private_urls=True)  # a loopback server
+                        timeout=5, image_size=64, min_image_size=16, allow_private_urls=True,  # a loopback server
+                        retry_rounds=0)  # the injected faults are final here (retries: tests/test_trust.py)
 
 
 @pytest.fixture(scope="module")

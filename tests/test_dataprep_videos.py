@@ -82,6 +82,7 @@ def prepared(source, tmp_path_factory):
             w.writerow(["2", "no link", "1", "d", "PT00H00M01S", "not a link"])
             w.writerow(["3", "nobody listens there", "1", "d", "PT00H00M01S", "http://127.0.0.1:9/3.mp4"])
         cfg = CorpusConfig(name="webvid", modality="video", format="webvid", input=str(table), allow_private_urls=True,
+                           retry_rounds=0,  # the injected faults are final here
                            output_dir=str(tmp / "shards"), shard_size=3, threads=3, retries=1, timeout=10,
                            video_size=64, fps=4, max_duration=2, max_source_duration=threshold)
         stages.annotations(cfg)
