@@ -124,6 +124,9 @@ class DataConfig:
     epoch_samples: int = 0  # 0 = total of the sources' counts
     shuffle_buffer: int = 1000  # samples shuffled together (a block of consecutive samples, per worker)
     seed: int = 0
+    # `pipe:` shard URLs run a shell command (e.g. "pipe:aws s3 cp s3://bucket/{00000..00099}.tar -"): only
+    # with this set, so that a config from elsewhere cannot run commands
+    allow_pipe: bool = False
     crop_scale: tuple[float, float] = (0.8, 1.0)  # RandomResizedCrop area range for training (released: 0.8-1)
     hflip: bool = True  # random horizontal flip in training (the released `clip` transform flips)
     # timm RandAugment for training images ("" = off), e.g. "rand-m3-n2-p1.0": 2 ops at 3/10 of timm's
@@ -371,6 +374,9 @@ def _validate_data(d: DataConfig) -> None:
             raise ConfigError(f"{where}.shards is empty")
         if s.weight <= 0 or s.num_samples < 0 or s.shuffle_buffer < 0:
             raise ConfigError(f"{where}: weight must be > 0, num_samples and shuffle_buffer >= 0")
+    if not d.allow_pipe:
+        for i, s in enumerate(d.sources):
+            check_pipe(s.shards, f"data.sources[{s.name or i}].shards")
     if d.sharding == "split":
         # One pass over every source per epoch: the epoch length and the mix follow the counts.
         if len({s.weight for s in d.sources}) > 1:
@@ -384,6 +390,13 @@ def _validate_data(d: DataConfig) -> None:
     if d.batch_size < 1 or d.workers < 0 or d.prefetch < 1 or d.shuffle_buffer < 1 or d.epoch_samples < 0:
         raise ConfigError("data: batch_size, prefetch and shuffle_buffer must be >= 1; "
                           "workers and epoch_samples >= 0")
+
+
+def check_pipe(shards: str, where: str, allowed: bool = False) -> None:
+    """A `pipe:` URL runs a shell command: refused unless data.allow_pipe is true."""
+    if not allowed and "pipe:" in shards:
+        raise ConfigError(f"{where}={shards!r} runs a shell command (pipe:): set data.allow_pipe: true "
+                          "if you trust where this config came from")
 
 
 def validate(cfg: Config) -> None:
@@ -407,6 +420,7 @@ def validate(cfg: Config) -> None:
     _choice(cfg.data.mixing, ("alternate", "sample"), "data.mixing")
     _choice(cfg.data.sharding, ("resample", "split"), "data.sharding")
     _validate_data(cfg.data)
+    check_pipe(cfg.eval.data, "eval.data", cfg.data.allow_pipe)
     if not 0 < cfg.data.num_frames <= cfg.model.vision.max_frames:
         raise ConfigError(f"data.num_frames={cfg.data.num_frames} must be in 1..model.vision.max_frames"
                           f"={cfg.model.vision.max_frames}")

@@ -237,6 +237,6 @@ def test_shards_over_http_and_from_a_pipe(corpus, tok):
     assert sorted(got) == sorted(keys["img"])
     pipe = f"pipe:cat {root / 'vid'}/{{00000..00001}}.tar"  # no index reachable: the count is explicit
     cfg = tiny_config([dict(name="p", shards=pipe, modality="video", num_samples=16)], sharding="split",
-                      workers=0, batch_size=4)
+                      workers=0, batch_size=4, allow_pipe=True)
     got = [k for s in run_epoch(build_train_loader(cfg, 0, 1, tok)) for k in s[4]]
     assert sorted(got) == sorted(keys["vid"])

@@ -170,3 +170,23 @@ def test_retriable_failures_are_retried_by_the_next_download_and_keep_validate_f
     assert report["shards"]["success_rate"]["00000.tar"] == 0.9
     strict = stages.validate_stage(CorpusConfig(**{**cfg.__dict__, "min_success": 0.95}))
     assert not strict["ok"] and "1 shard(s) below min_success=0.95: 00000.tar 90.0%" in strict["errors"][0]
+
+
+# ---------------------------------------------------------------- shell pipes in shard URLs
+def test_a_pipe_url_runs_only_when_the_config_allows_it(tmp_path, tok):
+    from data_fixtures import write_shards
+
+    from pipeline.config import ConfigError, load_config
+
+    keys = write_shards(tmp_path / "d", 1, 8)
+    marker = tmp_path / "ran"
+    evil = f"pipe:touch {marker}; cat {tmp_path / 'd' / '00000.tar'}"
+    for key in ("data.sources", "eval.data"):
+        value = f"[{{name: x, shards: '{evil}', num_samples: 8}}]" if key == "data.sources" else evil
+        with pytest.raises(ConfigError, match=rf"{key}.* runs a shell command \(pipe:\): set data.allow_pipe"):
+            load_config("tiny", [f"{key}={value}"])
+    assert not marker.exists()
+    cfg = tiny_config([dict(name="x", shards=f"pipe:cat {tmp_path / 'd' / '00000.tar'}", num_samples=8)],
+                      allow_pipe=True, batch_size=4, sharding="split", workers=0)
+    got = [k for batch in build_train_loader(cfg, 0, 1, tok) for k in batch["keys"]]
+    assert sorted(got) == sorted(keys)  # allowed: the command ran and fed the loader

@@ -1,6 +1,7 @@
 """Evaluation samples: every sample of some shards, in shard order, with deterministic transforms."""
 from __future__ import annotations
 
+from pipeline.config import check_pipe
 from pipeline.data.samples import BadSample, decode_sample
 from pipeline.data.shards import DataError, SeenKeys, Skips, expand_shards, missing_message, missing_shards, read_shard
 
@@ -16,6 +17,7 @@ class EvalSamples:
     def __init__(self, shards: str, modality: str, cfg, num_samples: int | None = None):
         if modality not in ("image", "video"):
             raise ValueError(f"modality={modality!r} must be 'image' or 'video'")
+        check_pipe(shards, "the eval set", cfg.data.allow_pipe)
         self.urls = expand_shards(shards)
         if not self.urls:
             raise DataError(f"eval shards '{shards}' name no files")
