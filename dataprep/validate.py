@@ -86,9 +86,14 @@ def _decode_video(data: bytes) -> float:
     return frames / rate if rate else 0.0
 
 
+MAX_PIXELS = 40_000_000  # as the trainer's data.max_image_pixels: larger images count as invalid, undecoded
+
+
 def _image_decodes(data: bytes) -> bool:
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if img.size[0] * img.size[1] > MAX_PIXELS:  # from the header: a decompression bomb is not decoded
+                return False
             img.load()
     except Exception:  # noqa: BLE001 - PIL raises many types for bad data
         return False

@@ -129,6 +129,9 @@ class DataConfig:
     allow_pipe: bool = False
     crop_scale: tuple[float, float] = (0.8, 1.0)  # RandomResizedCrop area range for training (released: 0.8-1)
     hflip: bool = True  # random horizontal flip in training (the released `clip` transform flips)
+    # images (and stored video frames) whose header announces more pixels are skipped and counted
+    # ("image_too_large") before decoding; 0 = no limit
+    max_image_pixels: int = 40_000_000
     # timm RandAugment for training images ("" = off), e.g. "rand-m3-n2-p1.0": 2 ops at 3/10 of timm's
     # ranges, always applied, from timm's set without Invert (the released fine-tuning's RandAugment(2, 9/30))
     randaugment: str = ""

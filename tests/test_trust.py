@@ -190,3 +190,37 @@ def test_a_pipe_url_runs_only_when_the_config_allows_it(tmp_path, tok):
                       allow_pipe=True, batch_size=4, sharding="split", workers=0)
     got = [k for batch in build_train_loader(cfg, 0, 1, tok) for k in batch["keys"]]
     assert sorted(got) == sorted(keys)  # allowed: the command ran and fed the loader
+
+
+# ---------------------------------------------------------------- decompression bombs
+def test_an_image_announcing_too_many_pixels_is_skipped_before_decoding(tmp_path, tok):
+    """A 12000 x 12000 PNG of a few hundred KiB: skipped and counted from its header, without the
+    ~430 MB decode; the limit is data.max_image_pixels."""
+    import io
+    import resource
+    import time
+
+    from PIL import Image
+    from webdataset import TarWriter
+
+    from data_fixtures import image_bytes
+
+    buf = io.BytesIO()
+    Image.new("L", (12000, 12000), 0).save(buf, "PNG")
+    bomb = buf.getvalue()
+    assert len(bomb) < 512 * 1024
+    (tmp_path / "d").mkdir()
+    with TarWriter(str(tmp_path / "d" / "00000.tar")) as sink:
+        sink.write({"__key__": "bomb", "png": bomb, "txt": "a black square"})
+        for i in range(7):
+            sink.write({"__key__": f"ok{i}", "jpg": image_bytes(20 * i), "txt": caption(i)})
+    (tmp_path / "d" / "sizes.json").write_text(json.dumps({"00000.tar": 7}))  # as dataprep validate indexes it
+    (tmp_path / "d" / "invalid.json").write_text(json.dumps({"00000.tar": [0]}))
+    cfg = tiny_config([dict(name="d", shards=str(tmp_path / "d" / "00000.tar"))], batch_size=7, sharding="split",
+                      workers=0)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    loader = build_train_loader(cfg, 0, 1, tok)
+    keys = [k for batch in loader for k in batch["keys"]]
+    assert time.perf_counter() - t < 20 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 200 * 1024
+    assert sorted(keys) == [f"ok{i}" for i in range(7)] and loader.counters() == {"image_too_large": 1}

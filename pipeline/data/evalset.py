@@ -47,7 +47,7 @@ class EvalSamples:
             if self.num_samples is not None and count >= self.num_samples:
                 return
             try:
-                pixels, captions = decode_sample(raw, self.modality, size, frames, None)
+                pixels, captions = decode_sample(raw, self.modality, size, frames, None, max_pixels=d.max_image_pixels)
             except BadSample as bad:
                 skips.add(bad.reason, f"{raw.label()}: {bad}")
                 continue

@@ -25,6 +25,20 @@ _MEAN_255 = (CLIP_MEAN * 255).reshape(3)
 _INV_STD_255 = (1 / (CLIP_STD * 255)).reshape(3)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_PIXELS = 40_000_000  # data.max_image_pixels' default: larger images are skipped before decoding
+
+
+class TooManyPixels(ValueError):
+    """An image whose header announces more pixels than the limit (a decompression bomb, or a scan)."""
+
+
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """PIL image from encoded bytes, its pixel count checked from the header before anything decodes
+    (a 165 KiB PNG can announce 12000 x 12000 pixels)."""
+    img = Image.open(io.BytesIO(data))
+    if max_pixels and img.size[0] * img.size[1] > max_pixels:
+        raise TooManyPixels(f"{img.size[0]}x{img.size[1]} pixels, over data.max_image_pixels={max_pixels}")
+    return img
 
 Box = tuple[float, float, float, float]
 
@@ -142,13 +156,14 @@ def augmented_crop(images: list[Image.Image], size: int, rng: random.Random | No
     return crop_resize(images, box, size, flip=aug.hflip and rng.random() < 0.5)
 
 
-def decode_image(data: bytes, size: int, rng: random.Random | None = None, aug: Augment = Augment()) -> torch.Tensor:
+def decode_image(data: bytes, size: int, rng: random.Random | None = None, aug: Augment = Augment(),
+                 max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """Encoded image -> [3, size, size]; augmented when `rng` is given, else centre crop (eval).
 
     JPEGs are decoded at a reduced scale (PIL `draft`) when even the smallest training crop would
     still cover `size` pixels, which saves most of the decode time for large photos.
     """
-    img = Image.open(io.BytesIO(data))
+    img = open_image(data, max_pixels)
     if img.format == "JPEG":
         need = math.ceil(size / math.sqrt(aug.scale[0])) if rng is not None else size
         img.draft("RGB", (need, need))

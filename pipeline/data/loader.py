@@ -107,7 +107,7 @@ class _EpochBatches(IterableDataset):
             while True:
                 raw, cursor = next(samples)
                 try:
-                    px, caps = decode_sample(raw, source.modality, size, frames, rng, self.augment)
+                    px, caps = decode_sample(raw, source.modality, size, frames, rng, self.augment, d.max_image_pixels)
                     break
                 except BadSample as bad:
                     skips.add(bad.reason, f"{raw.label()}: {bad}", item=raw.item)

@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from pipeline.data.image import IMAGE_EXTS, Augment, decode_image
+from pipeline.data.image import IMAGE_EXTS, MAX_PIXELS, Augment, TooManyPixels, decode_image
 from pipeline.data.shards import RawSample
 from pipeline.data.video import VIDEO_EXTS, decode_frames, decode_video, stored_frames
 
@@ -34,7 +34,7 @@ def captions_of(files: dict) -> list[str]:
 
 
 def decode_sample(raw: RawSample, modality: str, size: int, frames: int, rng: random.Random | None,
-                  aug: Augment = Augment()) -> tuple[torch.Tensor, list[str]]:
+                  aug: Augment = Augment(), max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, list[str]]:
     """Pixels [T, 3, size, size] (T=1 for images) and the captions; train augmentation when `rng` is given."""
     if raw.problem:
         raise BadSample(raw.problem)
@@ -49,11 +49,13 @@ def decode_sample(raw: RawSample, modality: str, size: int, frames: int, rng: ra
         raise BadSample("missing_media", f"no {wanted} member")
     try:
         if modality == "image":
-            pixels = decode_image(raw.files[ext], size, rng, aug)[None]
+            pixels = decode_image(raw.files[ext], size, rng, aug, max_pixels)[None]
         elif stored:
-            pixels = decode_frames(stored, frames, size, rng, aug)
+            pixels = decode_frames(stored, frames, size, rng, aug, max_pixels)
         else:
             pixels = decode_video(raw.files[ext], frames, size, rng, aug)
+    except TooManyPixels as err:
+        raise BadSample("image_too_large", str(err)) from None
     except Exception as err:  # noqa: BLE001 - decoders raise many types on corrupt input
         raise BadSample(f"corrupt_{modality}", f"{type(err).__name__}: {err}") from None
     return pixels, captions

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data.image import Augment, augmented_crop, to_rgb
+from pipeline.data.image import MAX_PIXELS, Augment, augmented_crop, open_image, to_rgb
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
 FRAME_RE = re.compile(r"^frame(\d+)\.(?:jpg|jpeg|png|webp)$")
@@ -106,7 +106,7 @@ def stored_frames(files: dict[str, bytes]) -> dict[int, bytes]:
 
 
 def decode_frames(stored: dict[int, bytes], frames: int, size: int, rng: random.Random | None = None,
-                  aug: Augment = Augment()) -> torch.Tensor:
+                  aug: Augment = Augment(), max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """Stored frames 0..K-1 -> [frames, 3, size, size]: the same choice as a K-frame clip, decoding
     only the frames chosen. A gap in the numbering (a lost member) would shift the timing: an error."""
     if sorted(stored) != list(range(len(stored))):
@@ -114,7 +114,7 @@ def decode_frames(stored: dict[int, bytes], frames: int, size: int, rng: random.
     chosen = frame_indices(len(stored), frames, rng)
     images = {}
     for i in sorted(set(chosen)):
-        img = Image.open(io.BytesIO(stored[i]))
+        img = open_image(stored[i], max_pixels)
         img.load()  # the full decode: a corrupt frame raises here
         images[i] = to_rgb(img)
     if len({img.size for img in images.values()}) > 1:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import checkpoint, distributed
-from pipeline.data.image import Augment, decode_image
+from pipeline.data.image import Augment, TooManyPixels, decode_image
 from pipeline.data.samples import BadSample
 from pipeline.data.schedule import derive_seed
 from pipeline.data.shards import DataError, Skips
@@ -36,8 +36,10 @@ def load_media(path: str | Path, modality: str, cfg, rng: random.Random | None) 
     d = cfg.data
     try:
         if modality == "image":
-            return decode_image(path.read_bytes(), d.image_size, rng, Augment.of(d))[None]
+            return decode_image(path.read_bytes(), d.image_size, rng, Augment.of(d), d.max_image_pixels)[None]
         return decode_video(path.read_bytes(), d.num_frames, d.video_size, rng, Augment.of(d))
+    except TooManyPixels as err:
+        raise BadSample("image_too_large", f"{path}: {err}") from None
     except Exception as err:  # noqa: BLE001 - decoders raise many types on corrupt input
         raise BadSample(f"corrupt_{modality}", f"{path}: {type(err).__name__}: {err}") from None
 
