@@ -405,6 +405,15 @@ def to_universal(tag_dir: Path) -> Path:
     return out
 
 
+def remove_universal(converted: Path) -> None:
+    """Remove a conversion once loaded, and the universal folder (with DeepSpeed's `latest_universal`)
+    when no other conversion is left in it."""
+    shutil.rmtree(converted, ignore_errors=True)
+    folder = converted.parent
+    if folder.name == UNIVERSAL and not any(p.is_dir() for p in folder.glob("step_*")):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def load(engine, tag_dir: Path, weights_dir: Path | None = None) -> Resumed:
     """Load model, optimizer, scheduler and client state of `tag_dir` into `engine` (collective).
     `weights_dir`: the universal conversion of `tag_dir` when the world size changed (the engine

@@ -441,6 +441,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.irtr={cfg.loss.irtr} is retrieval fine-tuning's objective (task.name=retrieval), "
                           f"not {cfg.task.name or 'pre-training'}'s")
     t = cfg.train
+    if t.steps < 1:
+        raise ConfigError(f"train.steps={t.steps}: a run trains at least one step")
     if t.global_batch < 0 or t.grad_accum < 1:
         raise ConfigError("train.global_batch must be >= 0 and train.grad_accum >= 1")
     if t.global_batch and t.grad_accum != 1:

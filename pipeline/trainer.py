@@ -168,9 +168,12 @@ def _fit(cfg, env, tag_dir, weights_dir, ds_config, make_model, make_loader, eva
         if weights_dir is not None:  # the conversion has served; the new world's checkpoints replace it
             distributed.barrier()
             if main_rank:
-                shutil.rmtree(weights_dir, ignore_errors=True)
+                checkpoint.remove_universal(weights_dir)
         if main_rank:
             print(f"resumed from {tag_dir} at step {step}", flush=True)
+            if step >= tc.steps:
+                print(f"the checkpoint is at step {step}, train.steps={tc.steps}: nothing left to train "
+                      "(raise train.steps to continue)", flush=True)
 
     guard = engine_lib.NonFiniteGuard(tc.max_nonfinite, total=skipped)
     keep_best = _Best(out, *(best or (None, "max")))

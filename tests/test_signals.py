@@ -92,6 +92,10 @@ def test_stopped_twice_by_signals_and_resumed_the_run_is_bit_identical(tmp_path)
         assert sorted(got[tag]) == list(range(1, STEPS + 1)), tag
         assert got[tag] == want[tag], tag
 
+    # 4. started again with fewer steps than the checkpoint holds: it says so and trains nothing
+    text = _finish(_torchrun(_args(config, run)[:-3] + ["train.steps=30"], tmp_path / "d.log"), tmp_path / "d.log")
+    assert f"the checkpoint is at step {STEPS}, train.steps=30: nothing left to train" in text
+
 
 def test_stop_on_signals_asks_for_a_checkpoint_and_a_second_sigint_interrupts():
     asked = []

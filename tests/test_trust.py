@@ -224,3 +224,29 @@ def test_an_image_announcing_too_many_pixels_is_skipped_before_decoding(tmp_path
     keys = [k for batch in loader for k in batch["keys"]]
     assert time.perf_counter() - t < 20 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 200 * 1024
     assert sorted(keys) == [f"ok{i}" for i in range(7)] and loader.counters() == {"image_too_large": 1}
+
+
+# ---------------------------------------------------------------- smaller
+def test_a_yaml_syntax_error_names_the_file_and_steps_must_be_positive(tmp_path):
+    from pipeline.config import ConfigError, load_config
+
+    bad = tmp_path / "run.yaml"
+    bad.write_text("inherit: tiny\ntrain: {steps: 5\n")
+    with pytest.raises(ConfigError, match=rf"{bad}: not valid YAML") as err:
+        load_config(bad)
+    assert "<unicode string>" not in str(err.value)
+    for steps in (0, -3):
+        with pytest.raises(ConfigError, match=f"train.steps={steps}"):
+            load_config("tiny", [f"train.steps={steps}"])
+
+
+def test_a_zero_byte_tar_is_counted_as_empty(tmp_path, tok):
+    from data_fixtures import write_shards
+
+    write_shards(tmp_path / "d", 2, 4)
+    (tmp_path / "d" / "00001.tar").write_bytes(b"")
+    cfg = tiny_config([dict(name="d", shards=str(tmp_path / "d" / "{00000..00001}.tar"))], batch_size=4,
+                      sharding="split", workers=0)
+    loader = build_train_loader(cfg, 0, 1, tok)
+    list(loader)
+    assert loader.counters().get("empty_shard") == 1 and "truncated_tar" not in loader.counters()

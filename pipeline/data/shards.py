@@ -352,8 +352,9 @@ def read_shard(url: str, skips: Skips, skip: int = 0, limit: int | None = None) 
                 yield sample
             index += 1
     except Exception as err:  # noqa: BLE001 - any reader failure costs this shard only
-        skips.add("unreadable_shard" if stream is None else "truncated_tar", f"{url} after {index} samples: {err}",
-                  item=url)
+        reason = "unreadable_shard" if stream is None else "empty_shard" if index == 0 and "empty file" in str(err) \
+            else "truncated_tar"
+        skips.add(reason, f"{url} after {index} samples: {err}", item=url)
         return
     finally:
         if stream is not None:
