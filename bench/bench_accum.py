@@ -9,7 +9,7 @@ speed  The same batches through two DeepSpeed engines (bf16, ZeRO-2) built from 
        a warm-up, slowest rank) and peak allocated memory per rank above the engine's own (CUDA:
        max_memory_allocated; CPU: malloc's bytes in use, bench_engine's measure), each as a ratio
        to plain accumulation.
-learn  ConceptTask (pipeline.synthetic), tiny, in process: a batch of 32 in one step, 4 x 8 with
+learn  ConceptTask (pipeline.concepts), tiny, in process: a batch of 32 in one step, 4 x 8 with
        plain accumulation, 4 x 8 with contrastive accumulation; tail losses and held-out retrieval,
        mean ± std over seeds.
 """
@@ -47,9 +47,10 @@ def _now() -> float:
 def speed(args) -> None:
     from bench_engine import MID, PeakMemory
 
-    from pipeline import distributed, engine as engine_lib
+    from pipeline import distributed
+    from pipeline.train import engine as engine_lib
     from pipeline.model import build_model
-    from pipeline.synthetic import synthetic_batch
+    from pipeline.concepts import synthetic_batch
 
     env = engine_lib.init_distributed()
     a, b, world = args.accum, args.batch_size, env.world_size
@@ -129,7 +130,7 @@ def speed(args) -> None:
 def learn(args) -> None:
     from bench_scl import mean_std, write_section
 
-    from pipeline.synthetic import evaluate_concepts, tail_mean, train_concepts
+    from pipeline.concepts import evaluate_concepts, tail_mean, train_concepts
 
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     results = {}

@@ -42,10 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from pipeline import distributed, engine as engine_lib  # noqa: E402
+from pipeline import distributed  # noqa: E402
+from pipeline.train import engine as engine_lib  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
-from pipeline.synthetic import synthetic_batch  # noqa: E402
+from pipeline.concepts import synthetic_batch  # noqa: E402
 
 # ~25M parameters: model states dominate memory, and a bf16 step still runs on a CPU.
 MID = ["model.vision.width=384", "model.vision.depth=4", "model.vision.heads=6", "model.vision.patch_size=16",

@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from pipeline import engine as engine_lib  # noqa: E402
+from pipeline.train import engine as engine_lib  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
-from pipeline.synthetic import synthetic_batch  # noqa: E402
+from pipeline.concepts import synthetic_batch  # noqa: E402
 
 
 def _sync():

@@ -5,7 +5,7 @@
 The paper's setting starts from pretrained towers (CLIP, RoBERTa); here towers are first warmed by
 ITC alone, then each row trains every loss of its preset from those towers:
 
-concept  pipeline.synthetic.ConceptTask in process (train_concepts): `--warm` steps of ITC alone, then
+concept  pipeline.concepts.ConceptTask in process (train_concepts): `--warm` steps of ITC alone, then
          `--steps` of the row's losses from that state (a fresh optimizer); held-out retrieval and ITM
          accuracy (evaluate_concepts).
 coco     ../shared/data/coco_239 (200 photos train, 39 held out), the trainer under torchrun (2 ranks,
@@ -52,7 +52,7 @@ PRIOR = {"triplet": -(math.log(1 / 3) / 3 + 2 * math.log(2 / 3) / 3), "swap": ma
 
 # ---------------------------------------------------------------- concept task (in process)
 def run_concept(seeds, warm: int, steps: int) -> dict:
-    from pipeline.synthetic import evaluate_concepts, tail_mean, train_concepts
+    from pipeline.concepts import evaluate_concepts, tail_mean, train_concepts
 
     results = {}
     for seed in seeds:
@@ -82,7 +82,7 @@ def export_towers(run_dir: Path, config: Path, out: Path) -> list[str]:
     Returns the overrides that load them."""
     from safetensors.torch import save_file
 
-    from pipeline import checkpoint
+    from pipeline.train import checkpoint
     from pipeline.model import build_model
 
     cfg = load_config(config)
@@ -137,8 +137,8 @@ def run_trainer(part: str, seeds, warm: int, steps: int, out: Path, evals: dict,
 
 
 def shapes_setup(out: Path, steps: int, quick: bool) -> tuple[Path, dict, object]:
-    from dataprep.pipeline_demo import build_demo_corpus
-    from dataprep.synthetic_tasks import vocabulary as task_words
+    from dataprep.demo_corpus import build_demo_corpus
+    from dataprep.shapes_tasks import vocabulary as task_words
     from pipeline import demo
     from pipeline.data import train_tokenizer
 

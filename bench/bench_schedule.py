@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
-from pipeline.synthetic import synthetic_batch  # noqa: E402
+from pipeline.concepts import synthetic_batch  # noqa: E402
 
 # A mid-size model that still fits a CPU: ViT-S-like towers at 128px.
 MID = ["model.vision.width=384", "model.vision.depth=6", "model.vision.heads=6", "model.vision.patch_size=16",

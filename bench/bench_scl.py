@@ -4,7 +4,7 @@
     python bench/bench_scl.py shapes coco        # the embedded default and real COCO photos (~1 h)
     python bench/bench_scl.py concept --seeds 0 1 2 --steps 450 --write bench/RESULTS.md
 
-concept  pipeline.synthetic.ConceptTask with pipeline.synthetic.train_concepts: the defaults, SCL
+concept  pipeline.concepts.ConceptTask with pipeline.concepts.train_concepts: the defaults, SCL
          off, and one row per choice the defaults make (the paper's SCL weight, clipping, the
          reference's init std, hard negatives). Tail losses and held-out retrieval.
 shapes   the demo's corpus (dataprep: loopback img2dataset + video stage), the trainer itself
@@ -59,7 +59,7 @@ def mean_std(values) -> str:
 
 # ---------------------------------------------------------------- concept task
 def run_concept(overrides, seed: int, steps: int) -> dict:
-    from pipeline.synthetic import evaluate_concepts, tail_mean, train_concepts
+    from pipeline.concepts import evaluate_concepts, tail_mean, train_concepts
 
     cfg = load_config("tiny", [*overrides, f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 20)}"])
     t0 = time.time()
@@ -99,7 +99,7 @@ def _train_and_eval(config: Path, overrides, seed: int, out: Path, evals: dict) 
 
 def read_final_losses(run_dir: Path, fraction: float = 0.1) -> dict:
     """Each loss/<term> averaged over the logged windows of the last `fraction` of the steps."""
-    from pipeline.monitor import read_scalars
+    from pipeline.train.monitor import read_scalars
 
     out = {}
     for tag, by_step in read_scalars(run_dir).items():
@@ -135,7 +135,7 @@ def data_table(results: dict, evals) -> str:
 def shapes_setup(out: Path, steps: int) -> tuple[Path, dict]:
     import yaml
 
-    from dataprep.pipeline_demo import build_demo_corpus
+    from dataprep.demo_corpus import build_demo_corpus
     from pipeline.data import train_tokenizer
 
     corpus = build_demo_corpus(out / "data", seed=0, n_images=4000, n_videos=800, n_eval_images=100,

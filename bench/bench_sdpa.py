@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
-from pipeline.synthetic import synthetic_batch  # noqa: E402
+from pipeline.concepts import synthetic_batch  # noqa: E402
 
 KERNELS = {"flash": "_scaled_dot_product_flash_attention", "efficient": "_scaled_dot_product_efficient_attention",
            "cudnn": "_scaled_dot_product_cudnn_attention", "math": "_scaled_dot_product_attention_math"}

@@ -110,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{name:18} {cfg.modality:6} {cfg.format:9} {cfg.input}")
         return 0
     if args.stage == "synthetic":
-        from .synthetic import generate
+        from .shapes import generate
 
         paths = generate(args.root, n_images=args.n_images, n_videos=args.n_videos,
                          n_eval_images=args.n_eval_images, n_eval_videos=args.n_eval_videos, seed=args.seed,
@@ -120,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"[synthetic] {key}: {value}")
         return 0
     if args.stage == "tasks":
-        from .synthetic_tasks import build_task_sets
+        from .shapes_tasks import build_task_sets
 
         print(json.dumps(build_task_sets(args.out, seed=args.seed, size=args.image_size), indent=1))
         return 0

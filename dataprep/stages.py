@@ -16,7 +16,7 @@ from collections import Counter
 
 import pandas as pd
 
-from . import synthetic, urls
+from . import shapes, urls
 from .common import DataprepError, failure_reason, join, read_json, records, url_to_fs, write_json
 from .config import CorpusConfig
 from .images import ImageOptions, LocalImageProcessor, clear_index, img2dataset_download
@@ -219,7 +219,7 @@ def synthetic_source(cfg: CorpusConfig):
     fs, _ = url_to_fs(root)
     fs.makedirs(root, exist_ok=True)
     with LoopbackServer(root) as server:
-        paths = synthetic.generate(root, base_url=server.url, **params)
+        paths = shapes.generate(root, base_url=server.url, **params)
         _say("synthetic", cfg, f"{root} served at {server.url}")
         yield paths
 

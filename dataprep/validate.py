@@ -186,7 +186,7 @@ def _normalise_message(message: str) -> str:
 
 def validate(output_dir: str, decode: bool = True, workers: int = 2, min_success: float = 0.0,
              retry_rounds: int | None = None) -> dict:
-    """Check every shard in `output_dir`; write sizes.json and report.json; return the report.
+    """Check every shard in `output_dir`; write sizes.json, invalid.json and report.json; return the report.
 
     Not ok (besides broken shards): a shard whose share of downloaded rows is below `min_success`,
     and, with `retry_rounds`, rows that failed for a reason worth retrying that the next download
@@ -194,18 +194,37 @@ def validate(output_dir: str, decode: bool = True, workers: int = 2, min_success
     fs, root = url_to_fs(output_dir)
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) if fs.exists(root) else []
     tars = [n for n in names if TAR_RE.match(n)]
-    stats_files = {STATS_RE.match(n).group(1): n for n in names if STATS_RE.match(n)}
-    leftovers = [n for n in names if n.endswith(".tmp")]
-
     with ThreadPoolExecutor(max(1, workers)) as pool:
         checks = list(tqdm(pool.map(lambda n: check_tar(fs, join(root, n), decode), tars),
                            total=len(tars), desc="validate", unit="shard", dynamic_ncols=True))
+    stats = {STATS_RE.match(n).group(1): read_json(fs, join(root, n)) for n in names if STATS_RE.match(n)}
+    errors, warnings = _shard_problems(checks, stats, [n for n in names if n.endswith(".tmp")])
+    rates = {f"{sid}.tar": (s["successes"] / s["count"] if s["count"] else 1.0) for sid, s in sorted(stats.items())}
+    retry = shards_to_retry(output_dir, retry_rounds) if retry_rounds is not None else {}
+    annotations = read_json(fs, join(root, ANNOTATIONS_REPORT)) if fs.exists(join(root, ANNOTATIONS_REPORT)) else None
+    errors += _download_problems(stats, rates, min_success, retry, annotations)
+    sizes = {c.name: c.valid for c in checks if c.valid > 0 and not any(f.startswith(BLOCKING) for f in c.flags)}
+    downloads, samples = _download_account(stats), _sample_account(checks, decode)
+    byte_counts = {"shards": samples.pop("shard_bytes"), "downloaded": downloads.pop("downloaded_bytes")}
+    report = {"output_dir": str(output_dir), "modality": samples.pop("modality"), "annotations": annotations,
+              **downloads, "samples": samples.pop("samples"), "bytes": byte_counts, **samples,
+              "shards": {"total": len(tars), "indexed": len(sizes),
+                         "flagged": {c.name: c.flags for c in checks if c.flags}, "success_rate": rates},
+              "retriable_failures": sum(retry.values()), "errors": errors, "warnings": warnings, "ok": not errors}
+    if fs.exists(root):
+        # invalid.json: where indexed shards store samples that do not decode, so that readers reach
+        # every valid sample at its place (sizes.json counts the valid ones only)
+        write_json(fs, join(root, "invalid.json"), {c.name: c.invalid_at for c in checks if c.name in sizes and c.invalid_at})
+        write_json(fs, join(root, "sizes.json"), sizes)
+        write_json(fs, join(root, "report.json"), report)
+    return report
 
-    stats = {sid: read_json(fs, join(root, n)) for sid, n in stats_files.items()}
+
+def _shard_problems(checks: list[ShardCheck], stats: dict, leftovers: list[str]) -> tuple[list[str], list[str]]:
+    """(errors, warnings) of the shards themselves: unfinished, truncated, counts that disagree, empty."""
     errors, warnings = [], []
     for check in checks:
-        shard_id = check.name[: -len(".tar")]
-        shard_stats = stats.get(shard_id)
+        shard_stats = stats.get(check.name[: -len(".tar")])
         if shard_stats is None:
             check.flags.append("incomplete: no _stats.json (interrupted download; run it again)")
         elif shard_stats["successes"] != check.valid and not any(f.startswith(BLOCKING) for f in check.flags):
@@ -220,60 +239,55 @@ def validate(output_dir: str, decode: bool = True, workers: int = 2, min_success
             (errors if flag.startswith(BLOCKING) else warnings).append(f"{check.name}: {flag}")
     if leftovers:
         errors.append(f"temporary files of an interrupted run: {leftovers} (run the download again)")
-    rates = {f"{sid}.tar": (s["successes"] / s["count"] if s["count"] else 1.0) for sid, s in sorted(stats.items())}
+    return errors, warnings
+
+
+def _download_problems(stats: dict, rates: dict, min_success: float, retry: dict, annotations) -> list[str]:
+    """Errors of the download: shards below min_success, failures still to retry, rows not attempted."""
+    errors = []
     low = {name: rate for name, rate in rates.items() if rate < min_success}
     if low:
         errors.append(f"{len(low)} shard(s) below min_success={min_success}: "
                       + ", ".join(f"{n} {100 * r:.1f}%" for n, r in sorted(low.items(), key=lambda kv: kv[1])[:10]))
-    retry = shards_to_retry(output_dir, retry_rounds) if retry_rounds is not None else {}
     if retry:
         errors.append(f"{sum(retry.values())} rows of {len(retry)} shard(s) failed for a reason worth retrying "
                       "(timeout, connection, 5xx, 408, 429): run the download again")
-
-    annotations = read_json(fs, join(root, ANNOTATIONS_REPORT)) if fs.exists(join(root, ANNOTATIONS_REPORT)) else None
     attempted = sum(s["count"] for s in stats.values())
     if annotations is not None and attempted < annotations["rows_kept"]:
         errors.append(f"only {attempted} of {annotations['rows_kept']} annotation rows were attempted "
                       "(download unfinished; run it again)")
+    return errors
 
+
+def _download_account(stats: dict) -> dict:
+    """What the shards' _stats.json say: attempts, successes, failures by reason, bytes, time."""
     failed_by_reason, messages = Counter(), Counter()
     for s in stats.values():
         for message, n in s.get("status_dict", {}).items():
             if message != "success":
                 failed_by_reason[failure_reason(message)] += n
                 messages[_normalise_message(message)] += n
-    invalid = sum((c.invalid for c in checks), Counter())
     downloaded = [s["bytes_downloaded"] for s in stats.values() if "bytes_downloaded" in s]
-    sizes = {c.name: c.valid for c in checks if c.valid > 0 and not any(f.startswith(BLOCKING) for f in c.flags)}
-    n_images, n_videos = sum(c.images for c in checks), sum(c.videos for c in checks)
-    report = {
-        "output_dir": str(output_dir),
-        "modality": "video" if n_videos > n_images else "image",
-        "annotations": annotations,
-        "attempted": attempted,
+    return {
+        "attempted": sum(s["count"] for s in stats.values()),
         "succeeded": sum(s["successes"] for s in stats.values()),
         "failed_to_download": sum(s["failed_to_download"] for s in stats.values()),
         "failed_to_resize": sum(s["failed_to_resize"] for s in stats.values()),
         "failed_by_reason": dict(sorted(failed_by_reason.items())),
         "error_messages": dict(messages.most_common(20)),
-        "samples": {"valid": sum(c.valid for c in checks), "invalid": dict(sorted(invalid.items())),
-                    "decoded": decode},
-        "bytes": {"shards": sum(c.bytes for c in checks), "downloaded": sum(downloaded) if downloaded else None},
+        "downloaded_bytes": sum(downloaded) if downloaded else None,
         "duration_s": round(sum(s["duration"] for s in stats.values()), 3),
         "wall_s": round(max((s["end_time"] for s in stats.values()), default=0)
                         - min((s["start_time"] for s in stats.values()), default=0), 3),
-        "video_seconds": round(sum(c.video_seconds for c in checks), 3),
-        "shards": {"total": len(tars), "indexed": len(sizes),
-                   "flagged": {c.name: c.flags for c in checks if c.flags}, "success_rate": rates},
-        "retriable_failures": sum(retry.values()),
-        "errors": errors,
-        "warnings": warnings,
-        "ok": not errors,
     }
-    if fs.exists(root):
-        # invalid.json: where indexed shards store samples that do not decode, so that readers reach
-        # every valid sample at its place (sizes.json counts the valid ones only)
-        write_json(fs, join(root, "invalid.json"), {c.name: c.invalid_at for c in checks if c.name in sizes and c.invalid_at})
-        write_json(fs, join(root, "sizes.json"), sizes)
-        write_json(fs, join(root, "report.json"), report)
-    return report
+
+
+def _sample_account(checks: list[ShardCheck], decode: bool) -> dict:
+    """What reading the shards found: valid and invalid samples, media kinds, bytes, video seconds."""
+    invalid = sum((c.invalid for c in checks), Counter())
+    n_images, n_videos = sum(c.images for c in checks), sum(c.videos for c in checks)
+    return {"modality": "video" if n_videos > n_images else "image",
+            "samples": {"valid": sum(c.valid for c in checks), "invalid": dict(sorted(invalid.items())),
+                        "decoded": decode},
+            "shard_bytes": sum(c.bytes for c in checks),
+            "video_seconds": round(sum(c.video_seconds for c in checks), 3)}

@@ -121,74 +121,86 @@ def transcode(data: bytes, opts: VideoOptions) -> tuple[dict[str, bytes], dict]:
     except av.error.FFmpegError as err:
         raise VideoError(f"not a video: {err}") from err
     with source:
-        # FFmpeg also opens still images as one-frame videos; a caption for a still is not a clip's.
-        if not source.streams.video or source.format.name.endswith("_pipe") or source.format.name == "image2":
-            raise VideoError(f"no video stream (format {source.format.name})")
-        stream = source.streams.video[0]
-        src_fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
-        src_duration = _source_duration(source, stream)
-        if opts.max_source_duration and src_duration and src_duration > opts.max_source_duration:
-            raise VideoError(f"video too long: {src_duration:.1f}s > {opts.max_source_duration}s")
-        out_fps = Fraction(min(opts.fps, src_fps) if opts.fps else src_fps).limit_denominator(1001)
-        width, height = stream.codec_context.width, stream.codec_context.height
-        if not width or not height:
-            raise VideoError("no video stream: zero frame size")
-        sw, sh, ow, oh = _output_size(width, height, opts)
-
-        buffer = io.BytesIO()
-        with av.open(buffer, "w", format="mp4") as sink:
-            out = sink.add_stream("libx264", rate=out_fps)
-            out.width, out.height, out.pix_fmt = ow, oh, "yuv420p"
-            out.options = _encoder_options(opts)
-            n_out, t0, trimmed = 0, None, False
-            tolerance = 0.5 / src_fps
-            try:
-                for index, frame in enumerate(source.decode(stream)):
-                    t = frame.time if frame.time is not None else index / src_fps
-                    t0 = t if t0 is None else t0
-                    rel = t - t0
-                    if rel >= opts.max_duration - 1e-6:
-                        trimmed = True
-                        break
-                    if rel + tolerance < n_out / out_fps:
-                        continue  # dropped to lower the frame rate
-                    crop = (sw, sh) != (ow, oh)
-                    out_frame = frame.reformat(width=sw, height=sh, format="rgb24" if crop else "yuv420p")
-                    if crop:
-                        x, y = (sw - ow) // 2, (sh - oh) // 2
-                        arr = out_frame.to_ndarray()[y:y + oh, x:x + ow]
-                        out_frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
-                    out_frame.pts, out_frame.time_base = n_out, 1 / out_fps
-                    for packet in out.encode(out_frame):
-                        sink.mux(packet)
-                    n_out += 1
-            except av.error.FFmpegError as err:
-                raise VideoError(f"decoding error after {n_out} frames: {err}") from err
-            if n_out == 0:
-                raise VideoError("video too short: no frames decoded")
-            for packet in out.encode():
-                sink.mux(packet)
-    mp4 = buffer.getvalue()
+        stream, probe = _probe(source, opts)
+        mp4, n_out, trimmed = _encode(source, stream, probe, opts)
     wanted = segment_middles(n_out, opts.frames) if opts.frames else []
     checked, frames = _check_and_sample(mp4, wanted, opts.frame_quality)
     if checked != n_out:
         raise VideoError(f"decoding error: re-encoded clip has {checked} of {n_out} frames")
-    meta = {
-        "duration": n_out / float(out_fps),
-        "fps": float(out_fps),
-        "num_frames": n_out,
-        "width": ow,
-        "height": oh,
-        "original_width": width,
-        "original_height": height,
-        "original_fps": src_fps,
-        "original_duration": src_duration,
-        "trimmed": trimmed,
-        "keyframe_interval": opts.keyframe_interval,
-    }
+    meta = {"duration": n_out / float(probe["out_fps"]), "fps": float(probe["out_fps"]), "num_frames": n_out,
+            "width": probe["size"][2], "height": probe["size"][3], "original_width": probe["width"],
+            "original_height": probe["height"], "original_fps": probe["src_fps"],
+            "original_duration": probe["src_duration"], "trimmed": trimmed, "keyframe_interval": opts.keyframe_interval}
     if frames:
         meta["frame_indices"] = wanted
     return {"mp4": mp4, **{frame_member(i): jpg for i, jpg in enumerate(frames)}}, meta
+
+
+def _probe(source, opts: VideoOptions):
+    """The video stream and what the output follows from it: frame rates, duration, sizes; a
+    VideoError for what is not a clip (a still image, a source over max_source_duration)."""
+    # FFmpeg also opens still images as one-frame videos; a caption for a still is not a clip's.
+    if not source.streams.video or source.format.name.endswith("_pipe") or source.format.name == "image2":
+        raise VideoError(f"no video stream (format {source.format.name})")
+    stream = source.streams.video[0]
+    src_fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+    src_duration = _source_duration(source, stream)
+    if opts.max_source_duration and src_duration and src_duration > opts.max_source_duration:
+        raise VideoError(f"video too long: {src_duration:.1f}s > {opts.max_source_duration}s")
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if not width or not height:
+        raise VideoError("no video stream: zero frame size")
+    out_fps = Fraction(min(opts.fps, src_fps) if opts.fps else src_fps).limit_denominator(1001)
+    return stream, {"src_fps": src_fps, "src_duration": src_duration, "out_fps": out_fps, "width": width,
+                    "height": height, "size": _output_size(width, height, opts)}
+
+
+def _encode(source, stream, probe: dict, opts: VideoOptions) -> tuple[bytes, int, bool]:
+    """Re-encode up to max_duration at the output rate and size (scaled, centre-cropped): (mp4 bytes,
+    frames written, whether the source was longer)."""
+    import av
+
+    sw, sh, ow, oh = probe["size"]
+    src_fps, out_fps = probe["src_fps"], probe["out_fps"]
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as sink:
+        out = sink.add_stream("libx264", rate=out_fps)
+        out.width, out.height, out.pix_fmt = ow, oh, "yuv420p"
+        out.options = _encoder_options(opts)
+        n_out, t0, trimmed, tolerance = 0, None, False, 0.5 / src_fps
+        try:
+            for index, frame in enumerate(source.decode(stream)):
+                t = frame.time if frame.time is not None else index / src_fps
+                t0 = t if t0 is None else t0
+                if t - t0 >= opts.max_duration - 1e-6:
+                    trimmed = True
+                    break
+                if t - t0 + tolerance < n_out / out_fps:
+                    continue  # dropped to lower the frame rate
+                out_frame = _resized(frame, (sw, sh), (ow, oh))
+                out_frame.pts, out_frame.time_base = n_out, 1 / out_fps
+                for packet in out.encode(out_frame):
+                    sink.mux(packet)
+                n_out += 1
+        except av.error.FFmpegError as err:
+            raise VideoError(f"decoding error after {n_out} frames: {err}") from err
+        if n_out == 0:
+            raise VideoError("video too short: no frames decoded")
+        for packet in out.encode():
+            sink.mux(packet)
+    return buffer.getvalue(), n_out, trimmed
+
+
+def _resized(frame, scaled: tuple[int, int], out: tuple[int, int]):
+    """A frame scaled to `scaled` and centre-cropped to `out` (yuv420p when no crop is needed)."""
+    import av
+
+    crop = scaled != out
+    resized = frame.reformat(width=scaled[0], height=scaled[1], format="rgb24" if crop else "yuv420p")
+    if not crop:
+        return resized
+    x, y = (scaled[0] - out[0]) // 2, (scaled[1] - out[1]) // 2
+    return av.VideoFrame.from_ndarray(resized.to_ndarray()[y:y + out[1], x:x + out[0]], format="rgb24")
 
 
 def _check_and_sample(mp4: bytes, wanted: list[int], quality: int) -> tuple[int, list[bytes]]:

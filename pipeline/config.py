@@ -154,7 +154,7 @@ class TrainConfig:
     # micro-batch (data.batch_size) and the world size at start (`accumulation`); 0 = use grad_accum.
     global_batch: int = 0
     grad_accum: int = 1  # micro-batches per optimizer step when global_batch is 0
-    # ITC and SCL negatives across all grad_accum micro-batches of a step (pipeline/gradcache.py):
+    # ITC and SCL negatives across all grad_accum micro-batches of a step (pipeline/train/gradcache.py):
     # the gradient of one step on the whole batch, for one extra no-grad contrastive forward.
     contrastive_accum: bool = False
     grad_clip: float = 0.0  # global-norm clipping; 0 = off (the reference does not clip)

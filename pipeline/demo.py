@@ -64,7 +64,7 @@ def _launch(script: str, config: Path, nproc: int, *extra: str) -> None:
     subprocess.run(cmd, check=True, env=env, cwd=REPO)
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo_out", help="everything goes here (data, tokenizer, runs)")
     ap.add_argument("--no-scl", action="store_true", help="switch the SCL losses off")
@@ -78,27 +78,17 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     args.steps = args.steps or (16 if args.quick else 250)
     args.finetune_steps = args.finetune_steps or (12 if args.quick else 300)
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from dataprep.pipeline_demo import build_demo_corpus
     from pipeline.config import load_config
-    from pipeline.data import train_tokenizer
-    from pipeline.evaluate import evaluate
-    from pipeline.retrieval import format_metrics
 
     out = Path(args.out).resolve()
     t0 = time.time()
-    print("== 1/5 dataprep: synthetic corpus -> loopback HTTP -> img2dataset / video stage -> shards", flush=True)
-    sizes = dict(n_images=300, n_videos=60, n_eval_images=40, n_eval_videos=20) if args.quick else \
-        dict(n_images=4000, n_videos=800, n_eval_images=100, n_eval_videos=60)
-    corpus = build_demo_corpus(out / "data", seed=0, **sizes)
-    for name, rep in corpus["reports"].items():
-        print(f"   {name}: {rep['samples']['valid']} valid samples in {rep['shards']['indexed']} shards", flush=True)
-
-    print("== 2/5 tokenizer", flush=True)
-    tok_dir = out / "tokenizer"
-    from dataprep.synthetic_tasks import vocabulary as task_words
-    train_tokenizer([" ".join(corpus["vocabulary"] + task_words())] * 8, tok_dir, vocab_size=400)
-
+    corpus, tok_dir = prepare_data(out, args)
     print(f"== 3/5 pre-training: tiny model, {args.steps} steps, DeepSpeed ZeRO-2 bf16, {args.nproc} processes",
           flush=True)
     config = write_config(out, corpus, tok_dir, args)
@@ -107,16 +97,8 @@ def main(argv=None) -> dict:
         print(f"   removing the previous demo run {run_dir}", flush=True)
         shutil.rmtree(run_dir)
     _launch("pretrain.py", config, args.nproc)
-
-    print("== 4/5 zero-shot retrieval on held-out pairs", flush=True)
     cfg = load_config(config)
-    results = {}
-    for modality, data in (("image", corpus["images_eval"]), ("video", corpus["videos_eval"])):
-        m = evaluate(cfg.train.output_dir, data, cfg, modality)
-        results[modality] = m
-        print(f"   {modality}-text ({m['n_items']} items, {m['n_captions']} captions): {format_metrics(m)}",
-              flush=True)
-    summary = {"scl": not args.no_scl, "steps": args.steps, "retrieval": results}
+    summary = {"scl": not args.no_scl, "steps": args.steps, "retrieval": zero_shot(cfg, corpus)}
     if not args.no_finetune:
         print(f"== 5/5 fine-tuning: VQAv2 and NLVR2 sets of the shapes world, {args.finetune_steps} steps each",
               flush=True)
@@ -127,9 +109,42 @@ def main(argv=None) -> dict:
     return summary
 
 
+def prepare_data(out: Path, args) -> tuple[dict, Path]:
+    """Steps 1 and 2: the shapes corpus as shards (reused when done), and a tokenizer of its words."""
+    from dataprep.demo_corpus import build_demo_corpus
+    from dataprep.shapes_tasks import vocabulary as task_words
+    from pipeline.data import train_tokenizer
+
+    print("== 1/5 dataprep: synthetic corpus -> loopback HTTP -> img2dataset / video stage -> shards", flush=True)
+    sizes = dict(n_images=300, n_videos=60, n_eval_images=40, n_eval_videos=20) if args.quick else \
+        dict(n_images=4000, n_videos=800, n_eval_images=100, n_eval_videos=60)
+    corpus = build_demo_corpus(out / "data", seed=0, **sizes)
+    for name, rep in corpus["reports"].items():
+        print(f"   {name}: {rep['samples']['valid']} valid samples in {rep['shards']['indexed']} shards", flush=True)
+    print("== 2/5 tokenizer", flush=True)
+    tok_dir = out / "tokenizer"
+    train_tokenizer([" ".join(corpus["vocabulary"] + task_words())] * 8, tok_dir, vocab_size=400)
+    return corpus, tok_dir
+
+
+def zero_shot(cfg, corpus: dict) -> dict:
+    """Step 4: retrieval on the held-out images and videos, printed beside chance."""
+    from pipeline.evaluate import evaluate
+    from pipeline.zeroshot import format_metrics
+
+    print("== 4/5 zero-shot retrieval on held-out pairs", flush=True)
+    results = {}
+    for modality, data in (("image", corpus["images_eval"]), ("video", corpus["videos_eval"])):
+        m = evaluate(cfg.train.output_dir, data, cfg, modality)
+        results[modality] = m
+        print(f"   {modality}-text ({m['n_items']} items, {m['n_captions']} captions): {format_metrics(m)}",
+              flush=True)
+    return results
+
+
 def finetune(out: Path, pretrain_config: Path, cfg, args) -> dict:
     """VQA and NLVR2 from the pre-trained run, each printed beside its chance level."""
-    from dataprep.synthetic_tasks import build_task_sets
+    from dataprep.shapes_tasks import build_task_sets
     from pipeline.tasks import vqa
 
     sets = build_task_sets(out / "tasks", seed=0, vqa_images=(400, 100) if args.quick else (2000, 300),

@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 2 -m pipeline.evaluate ...     # features spread over ranks
 
 --checkpoint is a run's output directory (its newest complete checkpoint), a step_* directory, or a
-consolidated file (`python -m pipeline.checkpoint RUN --out model.safetensors`). The config defaults to
+consolidated file (`python -m pipeline.train.checkpoint RUN --out model.safetensors`). The config defaults to
 the run's (its config.yaml, or the one a safetensors file carries); dotted overrides apply on top (e.g.
 eval.batch_size=128).
 """
@@ -24,10 +24,11 @@ if __package__ in (None, ""):  # run as a file path
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from pipeline import checkpoint, distributed, retrieval  # noqa: E402
+from pipeline import distributed, zeroshot  # noqa: E402
 from pipeline.config import ConfigError, load_config  # noqa: E402
 from pipeline.data import load_tokenizer  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
+from pipeline.train import checkpoint  # noqa: E402
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -48,8 +49,8 @@ def load_model(ckpt: str, cfg, device) -> torch.nn.Module:
 def evaluate(ckpt: str, data: str, cfg, modality: str, folder=None, rerank_k=None, num_samples=None) -> dict:
     device = torch.device("cuda", distributed.detect().local_rank) if torch.cuda.is_available() else torch.device("cpu")
     model = load_model(ckpt, cfg, device)
-    samples = retrieval.load_eval_set(data, modality, cfg, folder, num_samples)
-    return retrieval.evaluate_retrieval(model, samples, load_tokenizer(cfg.data.tokenizer), cfg, device, rerank_k)
+    samples = zeroshot.load_eval_set(data, modality, cfg, folder, num_samples)
+    return zeroshot.evaluate_retrieval(model, samples, load_tokenizer(cfg.data.tokenizer), cfg, device, rerank_k)
 
 
 def main(argv=None) -> dict:
@@ -80,7 +81,7 @@ def main(argv=None) -> dict:
         raise ConfigError("no eval set: pass --data or set eval.data")
     metrics = evaluate(args.checkpoint, data, cfg, modality, args.folder, args.rerank_k, args.num_samples)
     if distributed.is_main():
-        print(retrieval.format_metrics(metrics))
+        print(zeroshot.format_metrics(metrics))
         if args.json:
             Path(args.json).write_text(json.dumps(metrics, indent=2))
     if distributed.is_initialized():

@@ -6,7 +6,7 @@
     python slurm/submit.py --task retrieval --config finetune_retrieval ...     # the same on SLURM
 
 The same engine, checkpoints (atomic, auto-resume), monitor and launchers as pre-training
-(pipeline/trainer.py). Every `train.eval_every` steps and at the end the val split is evaluated
+(pipeline/train/trainer.py). Every `train.eval_every` steps and at the end the val split is evaluated
 (TensorBoard `eval/val/*`); the best checkpoint by the task's metric is kept (checkpoints/best.json).
 At the end the best weights are evaluated on val and test, `metrics.json` is written, and the test
 predictions (VQA: the evaluation server's format) go to `task.predictions`.
@@ -22,15 +22,14 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 
-import torch  # noqa: E402
-
-from pipeline import checkpoint, distributed, runtime, trainer  # noqa: E402
-from pipeline.config import Config, ConfigError, config_yaml, load_config  # noqa: E402
+from pipeline import distributed  # noqa: E402
+from pipeline.config import Config, ConfigError  # noqa: E402
 from pipeline.data import load_tokenizer  # noqa: E402
 from pipeline.data.tokenizer import check_tokenizer  # noqa: E402
 from pipeline.tasks import get_task  # noqa: E402
-from pipeline.preflight import check_model_inputs, require_local_or_hub  # noqa: E402
 from pipeline.tasks.common import TaskLoader, load_pretrained, predict  # noqa: E402
+from pipeline.train import checkpoint, process, trainer  # noqa: E402
+from pipeline.train.preflight import check_model_inputs, require_local_or_hub  # noqa: E402
 
 log = logging.getLogger("pipeline.finetune")
 HEADLINE = ("vqa_score", "accuracy", "consistency", "itc_r_mean", "itc_itm_r_mean", "rank_r_mean", "chance_r_mean",
@@ -58,8 +57,7 @@ class Runner:
         self.splits = {s: self.module.read_split(cfg, s) for s in ("train", "val", "test")}
         if not self.splits["train"]:
             raise ConfigError(f"task.train={cfg.task.train!r}: no training records")
-        if hasattr(self.task, "bind_train"):  # a task that draws from the whole split (retrieval's negatives)
-            self.task.bind_train(self.splits["train"])
+        self.task.bind_train(self.splits["train"])
         self.out = Path(cfg.train.output_dir)
 
     # ---- for trainer.fit
@@ -74,10 +72,8 @@ class Runner:
         return model
 
     def make_loader(self, rank: int, world: int) -> TaskLoader:
-        aug = self.task.train_augment
-        return TaskLoader(self.splits["train"], lambda r, rng: self.task.make_sample(r, rng if aug else None),
-                          self.task.collate, self.cfg.data.batch_size, rank, world, self.cfg.data.seed,
-                          self.cfg.data.workers)
+        return TaskLoader(self.splits["train"], self.task.make_sample, self.task.collate, self.cfg.data.batch_size,
+                          rank, world, self.cfg.data.seed, self.cfg.data.workers)
 
     def evaluate_split(self, model, split: str) -> tuple[dict, dict | None]:
         records = self.splits[split]
@@ -152,20 +148,9 @@ def main(argv=None) -> dict:
     for flag, key in ((args.task, "task.name"), (args.init, "task.init"), (args.resume, "train.resume")):
         if flag:
             overrides.append(f"{key}={flag}")
-    logging.basicConfig(level=logging.INFO if distributed.detect().rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = load_config(args.config, overrides)
-    if args.print_config:
-        print(config_yaml(cfg), end="")
-        return None
-    summary = finetune(cfg)
-    if distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    if summary["stopped_early"]:  # a signal: the step was saved; requeue (SLURM) and exit EXIT_STOPPED
-        runtime.exit_stopped(summary, cfg.train.max_requeues)
-    return summary
+    return process.run_entry_point(finetune, args.config, overrides, args.print_config)
 
 
 if __name__ == "__main__":
     main()
-    runtime.exit_now(0)  # the run is saved and closed: skip the slow interpreter teardown
+    process.exit_now(0)  # the run is saved and closed: skip the slow interpreter teardown

@@ -19,12 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 import logging  # noqa: E402
 
-import torch  # noqa: E402
-
-from pipeline import distributed, preflight, retrieval, runtime, trainer  # noqa: E402
-from pipeline.config import Config, config_yaml, load_config  # noqa: E402
-from pipeline.data import build_train_loader  # noqa: E402
+from pipeline import zeroshot  # noqa: E402
+from pipeline.config import Config  # noqa: E402
+from pipeline.data import TrainLoader  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
+from pipeline.train import preflight, process, trainer  # noqa: E402
 
 log = logging.getLogger("pipeline.pretrain")
 
@@ -35,7 +34,7 @@ def _eval_hook(cfg: Config):
     """Retrieval evaluation every `train.eval_every` steps when `eval.data` is set; else None."""
     if not (cfg.eval.data and cfg.train.eval_every > 0):
         return None
-    return retrieval.evaluate_during_training
+    return zeroshot.evaluate_during_training
 
 
 def train(cfg: Config) -> dict:
@@ -44,8 +43,15 @@ def train(cfg: Config) -> dict:
     Collective: every rank of the launch calls it. Rank and world size come from the launcher's
     environment through `pipeline.distributed`.
     """
-    return trainer.fit(cfg, lambda: build_model(cfg), lambda rank, world: build_train_loader(cfg, rank, world),
-                       _eval_hook(cfg), preflight=lambda: preflight.check_pretraining_inputs(cfg))
+    inputs = {}  # the tokenizer and the resolved sources: checked once, before any process group exists
+
+    def check():
+        inputs["tokenizer"], inputs["sources"] = preflight.check_pretraining_inputs(cfg)
+
+    def make_loader(rank, world):
+        return TrainLoader(cfg, rank, world, inputs["tokenizer"], inputs["sources"])
+
+    return trainer.fit(cfg, lambda: build_model(cfg), make_loader, _eval_hook(cfg), preflight=check)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,23 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | None:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-    logging.basicConfig(level=logging.INFO if distributed.detect().rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = load_config(args.config, overrides)
-    if args.print_config:
-        print(config_yaml(cfg), end="")
-        return None
-    summary = train(cfg)
-    if distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    if summary["stopped_early"]:  # a signal: the step was saved; requeue (SLURM) and exit EXIT_STOPPED
-        runtime.exit_stopped(summary, cfg.train.max_requeues)
-    return summary
+    return process.run_entry_point(train, args.config, overrides, args.print_config)
 
 
 if __name__ == "__main__":
     main()
-    runtime.exit_now(0)  # the run is saved and closed: skip the slow interpreter teardown
+    process.exit_now(0)  # the run is saved and closed: skip the slow interpreter teardown

@@ -25,10 +25,10 @@ def caption(i: int) -> str:
     return " ".join(rng.choice(WORDS, size=6))
 
 
-def image_bytes(value: int, size=(48, 40), fmt="JPEG") -> bytes:
-    """A flat image of grey level `value` (recognisable after decoding)."""
+def image_bytes(value, size=(48, 40), fmt="JPEG") -> bytes:
+    """A flat image of grey level `value` (recognisable after decoding), or of an (r, g, b) colour."""
     buf = io.BytesIO()
-    Image.new("RGB", size, (value, value, value)).save(buf, format=fmt)
+    Image.new("RGB", size, value if isinstance(value, tuple) else (value, value, value)).save(buf, format=fmt)
     return buf.getvalue()
 
 

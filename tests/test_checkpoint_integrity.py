@@ -8,17 +8,17 @@ import json
 import logging
 import os
 import re
-import socket
 import subprocess
 from pathlib import Path
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is first imported
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from pipeline import checkpoint, engine as engine_lib  # noqa: E402
+from train_fixtures import free_port  # noqa: E402
+
+from pipeline.train import checkpoint, engine as engine_lib  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 
@@ -31,11 +31,8 @@ def process_group():
     owned = not dist.is_initialized()
     with pytest.MonkeyPatch.context() as mp:
         if owned:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
             for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                             MASTER_PORT=str(port)).items():
+                             MASTER_PORT=str(free_port())).items():
                 mp.setenv(k, v)
             engine_lib.init_distributed()
         yield
@@ -99,7 +96,7 @@ def test_auto_resume_skips_a_damaged_newest_checkpoint(new_engine, tmp_path, cap
     path = _damage(newest, how, name)
     assert checkpoint.verify(newest) == [{"truncate": f"{path} is {size // 2} bytes, expected {size}",
                                           "delete": f"{path} missing (expected {size} bytes)"}[how]]
-    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.checkpoint"):
         assert checkpoint.resolve(tmp_path, "auto") == older
     assert str(path) in caplog.text and "damaged" in caplog.text and f"resuming from {older}" in caplog.text
     assert (tmp_path / "checkpoints" / checkpoint.LATEST).read_text() == newest.name  # resolve only reads
@@ -121,7 +118,7 @@ def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(new_engine, tmp_
     _, older, newest = _two_checkpoints(new_engine, tmp_path)
     for d in (older, newest):
         _damage(d, "delete", MODEL_STATES)
-    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.checkpoint"):
         with pytest.raises(checkpoint.CheckpointError, match="every complete checkpoint .* is damaged"):
             checkpoint.resolve(tmp_path, "auto")
     assert caplog.text.count(MODEL_STATES) == 2
@@ -133,7 +130,7 @@ def test_a_legacy_checkpoint_without_file_list_still_resumes(new_engine, tmp_pat
     written = json.loads((newest / checkpoint.COMPLETE).read_text())
     legacy = {k: written[k] for k in ("step", "world_size", "time")}  # complete.json before the file list
     (newest / checkpoint.COMPLETE).write_text(json.dumps(legacy))
-    with caplog.at_level(logging.DEBUG, logger="pipeline.checkpoint"):
+    with caplog.at_level(logging.DEBUG, logger="pipeline.train.checkpoint"):
         assert checkpoint.resolve(tmp_path, "auto") == newest
         assert checkpoint.resolve(tmp_path, str(newest)) == newest
     assert "not verified" in caplog.text and not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -76,7 +76,7 @@ def test_a_dumped_config_with_a_preset_loads_back_identically(tmp_path):
 @pytest.mark.parametrize("world,accum", [(1, 16), (2, 8), (4, 4)])
 def test_the_global_batch_derives_the_accumulation_at_every_world_size(world, accum):
     from pipeline.config import accumulation, batch_line
-    from pipeline.engine import fill_ds_config, load_ds_config
+    from pipeline.train.engine import fill_ds_config, load_ds_config
 
     cfg = load_config("tiny", ["train.global_batch=128", "data.batch_size=8"])
     assert accumulation(cfg, world) == accum

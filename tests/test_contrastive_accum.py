@@ -1,4 +1,4 @@
-"""Contrastive accumulation (pipeline/gradcache.py): with `train.grad_accum = 2` and
+"""Contrastive accumulation (pipeline/train/gradcache.py): with `train.grad_accum = 2` and
 `train.contrastive_accum`, the losses and the gradients equal one step on the doubled batch.
 
 In process (one rank): the model's gradients, images and videos, dropout replayed exactly.
@@ -28,7 +28,7 @@ def _cfg(*overrides):
 
 
 def _batches(cfg, frames=1, b=4, seeds=(1, 2)):
-    from pipeline.synthetic import synthetic_batch
+    from pipeline.concepts import synthetic_batch
 
     parts = [synthetic_batch(cfg, b, frames=frames, seed=s) for s in seeds]
     return parts, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -44,7 +44,7 @@ def _rel(a, b) -> float:
 
 @pytest.mark.parametrize("frames", [1, 3])
 def test_cached_gradients_equal_the_doubled_batch_in_process(frames):
-    from pipeline import gradcache
+    from pipeline.train import gradcache
     from pipeline.model import build_model
 
     cfg = _cfg(*CONTRASTIVE_ONLY)
@@ -74,7 +74,7 @@ def test_cached_gradients_equal_the_doubled_batch_in_process(frames):
 def test_second_pass_replays_dropout_and_keeps_the_per_sample_losses():
     """Dropout on, ITM and MLM on: the second pass sees the first pass's features exactly (drift 0),
     and ITM/MLM are the micro-batches' own losses."""
-    from pipeline import gradcache
+    from pipeline.train import gradcache
     from pipeline.model import build_model
 
     cfg = _cfg("model.fusion.dropout=0.3", "model.text.dropout=0.3", "model.vision.drop_path=0.2")
@@ -115,7 +115,7 @@ def test_images_and_videos_in_one_step_group_scl_vision_by_frame_count():
 
 
 def test_non_finite_contrastive_loss_drops_the_whole_group():
-    from pipeline import gradcache
+    from pipeline.train import gradcache
     from pipeline.model import build_model
 
     cfg = _cfg(*CONTRASTIVE_ONLY)
@@ -139,12 +139,12 @@ def test_config_checks():
 # ---------------------------------------------------------------- 2 ranks, real DeepSpeed engines
 @pytest.fixture(scope="module")
 def distributed_run(tmp_path_factory):
-    from train_fixtures import _finish, _torchrun, write_train_data
+    from train_fixtures import finish, torchrun, write_train_data
 
     root = tmp_path_factory.mktemp("gradcache")
     config = write_train_data(root)
-    proc = _torchrun([Path(__file__), "--config", config, "--out", root], root / "run.log")
-    _finish(proc, root / "run.log", timeout=600)
+    proc = torchrun([Path(__file__), "--config", config, "--out", root], root / "run.log")
+    finish(proc, root / "run.log", timeout=600)
     return root
 
 
@@ -189,7 +189,7 @@ def _compare(out: Path, name: str, frames: int, stage: int) -> None:
     """Three engines from the same weights on the same batches: cached (2 x 4), doubled (1 x 8), plain (2 x 4)."""
     import torch.distributed as dist
 
-    from pipeline import engine as engine_lib
+    from pipeline.train import engine as engine_lib
     from pipeline.model import build_model
 
     cfg = _cfg(*CONTRASTIVE_ONLY, "train.precision=fp32", "train.grad_accum=2", "train.contrastive_accum=true")
@@ -223,7 +223,7 @@ def _driver(config: str, out: Path) -> None:
     from train_fixtures import STEPS
 
     import pipeline.pretrain as pretrain
-    from pipeline import engine as engine_lib
+    from pipeline.train import engine as engine_lib
     from pipeline.config import load_config
 
     engine_lib.init_distributed()

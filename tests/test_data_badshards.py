@@ -6,12 +6,7 @@ import pytest
 from webdataset import TarWriter
 
 from data_fixtures import caption, image_bytes, tiny_config, write_shards
-from pipeline.data import DataError, build_eval_samples, build_train_loader, train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return train_tokenizer([caption(i) for i in range(200)], tmp_path_factory.mktemp("tok"), vocab_size=400)
+from pipeline.data import DataError, build_eval_samples, build_train_loader
 
 
 def write(path, samples):

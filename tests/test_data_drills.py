@@ -10,16 +10,11 @@ from PIL import Image
 from webdataset import TarWriter
 
 from data_fixtures import caption, image_bytes, tiny_config, write_shards
-from pipeline.data import DataError, build_eval_samples, build_train_loader, train_tokenizer
+from pipeline.data import DataError, build_eval_samples, build_train_loader
 from pipeline.data.image import CLIP_MEAN, CLIP_STD
 from pipeline.data.shards import resolve_source
 
 DUP = 250  # grey level of every second copy of a key
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return train_tokenizer([caption(i) for i in range(200)], tmp_path_factory.mktemp("tok"), vocab_size=400)
 
 
 def write(path, samples, sizes=None):

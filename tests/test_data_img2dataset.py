@@ -1,5 +1,4 @@
 """Shards written by img2dataset itself, downloading from a loopback HTTP server, read by the loader."""
-import os
 
 import numpy as np
 import pandas as pd
@@ -9,7 +8,6 @@ from PIL import Image
 from data_fixtures import caption, serve, tiny_config
 from pipeline.data import build_eval_samples, build_train_loader, train_tokenizer
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 @pytest.fixture

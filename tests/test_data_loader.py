@@ -5,16 +5,11 @@ from collections import Counter
 import pytest
 import torch
 
-from data_fixtures import caption, serve, tiny_config, write_shards
+from data_fixtures import serve, tiny_config, write_shards
 from pipeline.config import ConfigError, validate
-from pipeline.data import DataError, build_train_loader, train_tokenizer
+from pipeline.data import DataError, build_train_loader
 from pipeline.data.schedule import epoch_schedule, interleave, split_quotas
 from pipeline.objectives import IGNORE_INDEX
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return train_tokenizer([caption(i) for i in range(200)], tmp_path_factory.mktemp("tok"), vocab_size=400)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from webdataset import TarWriter
 
 from data_fixtures import caption, tiny_config
 from dataprep.videos import VideoOptions, segment_middles, transcode
-from pipeline.data import build_eval_samples, build_train_loader, train_tokenizer
+from pipeline.data import build_eval_samples, build_train_loader
 from pipeline.data.image import CLIP_MEAN, CLIP_STD
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,11 +64,6 @@ def write(path, samples):
     with TarWriter(str(path)) as sink:
         for s in samples:
             sink.write(s)
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return train_tokenizer([caption(i) for i in range(200)], tmp_path_factory.mktemp("tok"), vocab_size=400)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from dataprep.pipeline_demo import build_demo_corpus
+from dataprep.demo_corpus import build_demo_corpus
 
 # One img2dataset process: two shards need no second one, and each costs an interpreter start.
 SIZES = dict(n_images=24, n_videos=8, n_eval_images=8, n_eval_videos=4, train_shards=2, processes=1)

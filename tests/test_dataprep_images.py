@@ -1,6 +1,5 @@
 """The image stage: img2dataset against a loopback server serving real COCO images, with faults."""
 
-import io
 import json
 import random
 from pathlib import Path
@@ -9,18 +8,13 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from dataprep import stages, synthetic
+from data_fixtures import image_bytes
+from dataprep import shapes, stages
 from dataprep.config import CorpusConfig
 from dataprep.serve import Faults, LoopbackServer
 
 COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_239"
 N_GOOD = 24
-
-
-def _jpeg(size, colour=(90, 140, 200)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, "JPEG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +26,8 @@ def source(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
     rng, items = random.Random(0), []
     for i in range(N_GOOD):
-        spec = synthetic._image_spec(rng)
-        synthetic.render_image(spec, 96, rng).save(folder / f"{i}.jpg")
+        spec = shapes._image_spec(rng)
+        shapes.render_image(spec, 96, rng).save(folder / f"{i}.jpg")
         items.append((f"{i}.jpg", spec["caption"]))
     return folder, items
 
@@ -42,7 +36,7 @@ def source(tmp_path_factory):
 FAULTS = Faults(status={"/flaky.jpg": 500},
                 payload={"/page.jpg": b"<!doctype html><title>404</title>",
                          "/corrupt.jpg": b"\xff\xd8\xff\xe0" + bytes(300),
-                         "/tiny.jpg": _jpeg((8, 8))})
+                         "/tiny.jpg": image_bytes((90, 140, 200), (8, 8))})
 BAD_URLS = ["missing_1.jpg", "page.jpg", "missing_2.jpg", "corrupt.jpg", "tiny.jpg", "flaky.jpg", "missing_3.jpg"]
 EXPECTED_REASONS = {"http_404": 3, "http_500": 1, "not_an_image": 2, "image_too_small": 1}
 

@@ -61,10 +61,10 @@ def test_local_coco_folder_is_packed_directly_with_all_captions(tmp_path):
 
 
 def _video_corpus(tmp_path, n: int, caption: str):
-    from dataprep import synthetic
+    from dataprep import shapes
 
     root = tmp_path / "syn"
-    paths = synthetic.generate(root, n_images=1, n_videos=n, n_eval_images=1, n_eval_videos=1)
+    paths = shapes.generate(root, n_images=1, n_videos=n, n_eval_images=1, n_eval_videos=1)
     table = pd.read_csv(paths["videos_train"])
     listing = tmp_path / "videos.jsonl"
     pd.DataFrame({"path": [str(root / "videos" / f"{v}.mp4") for v in table["videoid"]],

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataprep import synthetic
+from dataprep import shapes
 from dataprep.fetch import fetch
 from dataprep.serve import Faults, LoopbackServer
 
@@ -20,7 +20,7 @@ SMALL = dict(n_images=60, n_videos=6, n_eval_images=30, n_eval_videos=12)
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    return root, synthetic.generate(root, seed=3, **SMALL)
+    return root, shapes.generate(root, seed=3, **SMALL)
 
 
 def _captions(tsv):
@@ -28,7 +28,7 @@ def _captions(tsv):
 
 
 def _mask(img: np.ndarray, colour: str) -> np.ndarray:
-    target = np.array(synthetic.COLOURS[colour], dtype=int)
+    target = np.array(shapes.COLOURS[colour], dtype=int)
     return np.abs(img.astype(int) - target).sum(axis=-1) < 90
 
 
@@ -46,7 +46,7 @@ def test_lists_are_in_the_real_formats_and_point_at_the_base_url(corpus):
 
 def test_captions_use_the_small_vocabulary_and_eval_captions_are_distinct(corpus):
     _, paths = corpus
-    vocab = set(synthetic.vocabulary())
+    vocab = set(shapes.vocabulary())
     captions = _captions(paths["images_train"]) + _captions(paths["images_eval"])
     with open(paths["videos_train"], newline="") as f:
         captions += [r["name"] for r in csv.DictReader(f)]
@@ -92,23 +92,23 @@ def test_videos_move_the_way_their_captions_say(corpus):
 
 def test_deterministic_from_the_seed_and_cached(tmp_path, corpus):
     root, paths = corpus
-    again = synthetic.generate(tmp_path / "a", seed=3, **SMALL)
+    again = shapes.generate(tmp_path / "a", seed=3, **SMALL)
     assert _captions(again["images_train"]) == _captions(paths["images_train"])
     for name in ("images/train_000007.jpg", "videos/1000002.mp4"):
         assert (tmp_path / "a" / name).read_bytes() == (root / name).read_bytes()
-    other = synthetic.generate(tmp_path / "b", seed=4, **SMALL)
+    other = shapes.generate(tmp_path / "b", seed=4, **SMALL)
     assert _captions(other["images_train"]) != _captions(paths["images_train"])
     # Same parameters: nothing re-rendered, only the lists rewritten for the new address.
     before = (tmp_path / "a" / "images/train_000000.jpg").stat().st_mtime_ns
-    moved = synthetic.generate(tmp_path / "a", seed=3, base_url="http://127.0.0.1:9/", **SMALL)
+    moved = shapes.generate(tmp_path / "a", seed=3, base_url="http://127.0.0.1:9/", **SMALL)
     assert (tmp_path / "a" / "images/train_000000.jpg").stat().st_mtime_ns == before
     assert open(moved["images_train"]).readline().split("\t")[1].startswith("http://127.0.0.1:9/images/")
 
 
 def test_eval_split_cannot_ask_for_more_distinct_captions_than_exist(tmp_path):
-    limit = synthetic.distinct_captions()["videos"]
+    limit = shapes.distinct_captions()["videos"]
     with pytest.raises(ValueError, match="distinct"):
-        synthetic.generate(tmp_path, n_images=1, n_videos=1, n_eval_images=1, n_eval_videos=limit + 1)
+        shapes.generate(tmp_path, n_images=1, n_videos=1, n_eval_images=1, n_eval_videos=limit + 1)
 
 
 def test_loopback_server_serves_files_and_injects_faults(corpus):

@@ -6,17 +6,14 @@ import os
 import tarfile
 
 import pytest
-from PIL import Image
 
+from data_fixtures import image_bytes
 from dataprep.__main__ import main
 from dataprep.shards import ShardWriter, sample_key
 from dataprep.validate import validate
 
 
-def _jpg(colour=(200, 10, 10)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (16, 16), colour).save(buf, "JPEG")
-    return buf.getvalue()
+RED = (200, 10, 10)
 
 
 def _shard(out, shard_id, n, bad=(), caption="a red square"):
@@ -24,7 +21,7 @@ def _shard(out, shard_id, n, bad=(), caption="a red square"):
     writer = ShardWriter(str(out), shard_id)
     for i in range(n):
         key = sample_key(i, shard_id, 10)
-        data = b"\xff\xd8 not really a jpeg" if i in bad else _jpg()
+        data = b"\xff\xd8 not really a jpeg" if i in bad else image_bytes(RED, (16, 16))
         writer.write(key, caption, {"key": key, "caption": caption}, {"jpg": data})
     writer.close({"count": n, "successes": n, "failed_to_download": 0, "failed_to_resize": 0,
                   "duration": 1.0, "start_time": 10.0, "end_time": 11.0, "status_dict": {"success": n}})
@@ -97,11 +94,11 @@ def test_missing_caption_and_duplicate_keys_are_counted(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-        add("a.jpg", _jpg()), add("a.json", b"{}")
-        add("b.jpg", _jpg()), add("b.txt", b"   "), add("b.json", b"{}")
-        add("c.jpg", _jpg()), add("c.txt", b"ok"), add("c.json", b"{}")
-        add("d.jpg", _jpg()), add("d.txt", b"ok"), add("d.json", b"{}")
-        add("c.jpg", _jpg()), add("c.txt", b"again"), add("c.json", b"{}")
+        add("a.jpg", image_bytes(RED, (16, 16))), add("a.json", b"{}")
+        add("b.jpg", image_bytes(RED, (16, 16))), add("b.txt", b"   "), add("b.json", b"{}")
+        add("c.jpg", image_bytes(RED, (16, 16))), add("c.txt", b"ok"), add("c.json", b"{}")
+        add("d.jpg", image_bytes(RED, (16, 16))), add("d.txt", b"ok"), add("d.json", b"{}")
+        add("c.jpg", image_bytes(RED, (16, 16))), add("c.txt", b"again"), add("c.json", b"{}")
     (tmp_path / "00000_stats.json").write_text(json.dumps(
         {"count": 4, "successes": 4, "failed_to_download": 0, "failed_to_resize": 0, "duration": 1,
          "start_time": 0, "end_time": 1, "status_dict": {"success": 4}}))

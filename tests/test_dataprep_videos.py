@@ -18,7 +18,7 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
-from dataprep import stages, synthetic
+from dataprep import stages, shapes
 from dataprep.config import CorpusConfig
 from dataprep.readers import parse_iso_duration
 from dataprep.serve import Faults, LoopbackServer
@@ -38,7 +38,7 @@ def _make_clips(folder: Path, lengths: dict[str, int]) -> None:
 
     for i, (videoid, frames) in enumerate(lengths.items()):
         spec = {"colour": "red", "shape": "square", "motion": "left"}
-        synthetic.encode_mp4(synthetic.render_video_frames(spec, 64, frames, random.Random(i)), 8,
+        shapes.encode_mp4(shapes.render_video_frames(spec, 64, frames, random.Random(i)), 8,
                              folder / f"{videoid}.mp4")
 
 

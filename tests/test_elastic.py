@@ -2,14 +2,14 @@
 checkpoint: the step, the LR schedule, the epoch position and the global batch carry over."""
 import pytest
 import torch
-from train_fixtures import _finish, _torchrun, read_scalars, write_train_data
+from train_fixtures import finish, torchrun, read_scalars, write_train_data
 
 from pipeline.config import load_config
-from pipeline.engine import lr_factor
+from pipeline.train.engine import lr_factor
 
 
 def _launch(nproc: int, args, log):
-    return _finish(_torchrun(args, log, nproc=nproc), log)
+    return finish(torchrun(args, log, nproc=nproc), log)
 
 
 @pytest.mark.slow
@@ -52,7 +52,7 @@ def test_resume_on_fewer_then_more_ranks(tmp_path):
 def test_universal_conversion_keeps_weights_and_optimizer_moments(tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from pipeline import checkpoint
+    from pipeline.train import checkpoint
 
     config = write_train_data(tmp_path)
     run = tmp_path / "run"

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from pipeline import checkpoint, engine, monitor, pretrain
+from pipeline.train import checkpoint, engine, monitor
+from pipeline import pretrain
 from pipeline.config import ConfigError, load_config
 from pipeline.model import build_model
 
@@ -125,12 +126,17 @@ def test_nonfinite_loss_skips_backward_and_step():
     assert result.applied and e.calls == ["backward", "step"] and float(result.losses["loss"]) == 2.0
 
 
-def test_nonfinite_guard_counts_drops_in_a_row():
-    guard = engine.NonFiniteGuard(limit=2, total=5)
-    assert not guard.dropped()
-    guard.passed()
-    assert not guard.dropped() and guard.dropped()
-    assert (guard.in_a_row, guard.total) == (2, 8)
+def test_nonfinite_guard_counts_drops_in_a_row(tmp_path):
+    from pipeline.train.trainer import NonFiniteGuard, NonFiniteLoss
+
+    guard = NonFiniteGuard(limit=2, out=tmp_path, total=5)
+    assert guard.dropped("batch") == "non-finite loss, batch skipped (1 in a row, 6 in total)"
+    guard.check(3)
+    assert guard.passed() is None and guard.in_a_row == 0
+    guard.dropped("batch"), guard.dropped("batch")
+    with pytest.raises(NonFiniteLoss, match="2 non-finite losses in a row at step 9"):
+        guard.check(9)
+    assert guard.passed(partial=2).startswith("non-finite ITM/MLM/MVM loss in 2") and guard.total == 10
 
 
 def test_to_device_casts_floats_only():
@@ -249,7 +255,7 @@ def test_batch_tokens_counts_text_and_vision():
 
 def test_eval_hook_only_with_eval_data():
     assert pretrain._eval_hook(load_config("tiny", ["train.eval_every=10"])) is None
-    from pipeline import retrieval
+    from pipeline import zeroshot
 
     hook = pretrain._eval_hook(load_config("tiny", ["train.eval_every=10", "eval.data=x.tar"]))
-    assert hook is retrieval.evaluate_during_training
+    assert hook is zeroshot.evaluate_during_training

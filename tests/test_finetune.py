@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_fixtures import REPO, _finish, _torchrun, kill_tree, read_scalars
+from train_fixtures import REPO, finish, torchrun, kill_tree, read_scalars
 
 TASKS = ("vqa", "nlvr2", "retrieval")
 STEPS = 6
@@ -27,8 +27,8 @@ def _write_inputs(root: Path) -> dict:
     """Task sets, a tokenizer, a short 2-rank pre-training run, and one fine-tuning config per task."""
     from webdataset import TarWriter
 
-    from dataprep.synthetic import vocabulary
-    from dataprep.synthetic_tasks import build_task_sets, vocabulary as task_words
+    from dataprep.shapes import vocabulary
+    from dataprep.shapes_tasks import build_task_sets, vocabulary as task_words
     from pipeline.data import train_tokenizer
     from pipeline.tasks import vqa
 
@@ -86,15 +86,15 @@ eval: {{batch_size: 8, itm_rerank_k: 8, rerank: rank}}
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")
     inputs = _write_inputs(root)
-    _finish(_torchrun(["pipeline/pretrain.py", "--config", root / "pretrain.yaml"], root / "pretrain.log"),
+    finish(torchrun(["pipeline/pretrain.py", "--config", root / "pretrain.yaml"], root / "pretrain.log"),
             root / "pretrain.log")
     logs = []
     for launch, victim in enumerate((*TASKS, None)):
         log = root / f"launch{launch}.log"
-        proc = _torchrun([Path(__file__), "--root", root], log)
+        proc = torchrun([Path(__file__), "--root", root], log)
         logs.append(log)
         if victim is None:
-            _finish(proc, log, timeout=600)
+            finish(proc, log, timeout=600)
             break
         done = root / victim / "checkpoints" / "step_00000004" / "complete.json"
         deadline = time.time() + 400
@@ -156,7 +156,7 @@ def test_irtr_learns_retrieval_above_the_pretrained_starting_point(runs):
     runner = Runner(start_cfg)
     start, _ = runner.evaluate_split(runner.make_model(), "test")
     log = root / "irtr.log"
-    _finish(_torchrun([Path(__file__), "--root", root, "--irtr"], log), log, timeout=600)
+    finish(torchrun([Path(__file__), "--root", root, "--irtr"], log), log, timeout=600)
     report = json.loads((root / "irtr" / "metrics.json").read_text())
     end = report["test"]
     losses = read_scalars(root / "irtr")["loss/irtr"]

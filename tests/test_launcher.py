@@ -6,7 +6,7 @@ import signal
 import time
 
 import pytest
-from train_fixtures import _descendants, _finish, _torchrun, kill_tree, newest_complete_step, write_train_data
+from train_fixtures import descendants, finish, torchrun, kill_tree, newest_complete_step, write_train_data
 
 
 def _alive(pid: int) -> bool:
@@ -22,7 +22,7 @@ def test_lock_and_launcher_death(tmp_path):
     config = write_train_data(tmp_path)
     run = tmp_path / "run"
     common = ["pipeline/pretrain.py", "--config", config, f"train.output_dir={run}", "train.save_every=2"]
-    a = _torchrun(common + ["train.steps=100000"], tmp_path / "a.log", start_new_session=True)
+    a = torchrun(common + ["train.steps=100000"], tmp_path / "a.log", start_new_session=True)
     try:
         deadline = time.time() + 240
         while not (run / "checkpoints" / "latest").exists():
@@ -30,14 +30,14 @@ def test_lock_and_launcher_death(tmp_path):
             assert time.time() < deadline, "run A: no checkpoint in time"
             time.sleep(0.2)
         # a second run on the same directory stops before building its model
-        b = _torchrun(common + ["train.steps=100000"], tmp_path / "b.log")
+        b = torchrun(common + ["train.steps=100000"], tmp_path / "b.log")
         b.wait(timeout=180)
         log = (tmp_path / "b.log").read_text()
         assert b.returncode != 0 and f"{run} is in use by a live run (host" in log, log[-4000:]
         assert f"pid {a.pid}" not in log  # the holder named is A's rank 0, not its launcher
         assert a.poll() is None
 
-        ranks = _descendants(a.pid)
+        ranks = descendants(a.pid)
         assert len(ranks) >= 2
         os.kill(a.pid, signal.SIGKILL)  # the launcher only: its ranks run in sessions of their own
         a.wait()
@@ -51,6 +51,6 @@ def test_lock_and_launcher_death(tmp_path):
     # the dead run left its lock file, but no lock: the next run starts and resumes
     assert (run / ".lock").exists()
     k = newest_complete_step(run)
-    c = _torchrun(common + ["--resume", "auto", f"train.steps={k + 2}"], tmp_path / "c.log")
-    text = _finish(c, tmp_path / "c.log")
+    c = torchrun(common + ["--resume", "auto", f"train.steps={k + 2}"], tmp_path / "c.log")
+    text = finish(c, tmp_path / "c.log")
     assert f"resumed from {run / 'checkpoints' / f'step_{k:08d}'} at step {k}" in text

@@ -1,4 +1,4 @@
-"""Behaviour of the objectives on a learnable task (pipeline.synthetic.ConceptTask), tiny model, CPU.
+"""Behaviour of the objectives on a learnable task (pipeline.concepts.ConceptTask), tiny model, CPU.
 
 One fixture trains the default loss config and the same with SCL off; the tests read what they
 learned: ITM below its prior beside SCL, ITC far below chance, SCL free of the text-only (and
@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from pipeline import masking
+from pipeline.data import masking
 from pipeline.config import load_config
-from pipeline.synthetic import MASK_ID, SPECIAL_IDS, evaluate_concepts, tail_mean, train_concepts
+from pipeline.concepts import MASK_ID, SPECIAL_IDS, evaluate_concepts, tail_mean, train_concepts
 
 STEPS, BATCH = 450, 32
 ITM_PRIOR = -(math.log(1 / 3) / 3 + 2 * math.log(2 / 3) / 3)  # 1 positive : 2 negatives, 0.637

@@ -5,7 +5,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.model import build_model
 from pipeline.model.vision import FlexibleViT, frame_attention_mask
-from pipeline.synthetic import synthetic_batch
+from pipeline.concepts import synthetic_batch
 
 
 @pytest.fixture(scope="module")

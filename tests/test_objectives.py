@@ -1,14 +1,15 @@
 """Each loss against its formula on small tensors, the gathered version across 2 real ranks, masking statistics."""
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline import masking
+from train_fixtures import free_port
+
+from pipeline.data import masking
 from pipeline import objectives as obj
 
 
@@ -102,12 +103,6 @@ def test_hard_negatives_come_from_the_positives_cluster_at_the_model_temperature
     assert torch.stack(same).mean().item() < 0.5
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gathered_worker(rank, port, q_full, k_full, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -127,7 +122,7 @@ def test_gathered_contrastive_loss_equals_the_full_batch_loss_and_gradient():
     torch.manual_seed(0)
     q_full, k_full = torch.randn(8, 16), torch.randn(8, 16)
     out = mp.Manager().dict()
-    mp.spawn(_gathered_worker, args=(_free_port(), q_full, k_full, out), nprocs=2)
+    mp.spawn(_gathered_worker, args=(free_port(), q_full, k_full, out), nprocs=2)
     q_ref, k_ref = q_full.clone().requires_grad_(True), k_full.clone().requires_grad_(True)
     ref = obj.contrastive_loss(q_ref, k_ref, 0.1)
     ref.backward()

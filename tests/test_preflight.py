@@ -6,7 +6,8 @@ import pytest
 import yaml
 from train_fixtures import write_train_data
 
-from pipeline import checkpoint, evaluate, finetune, preflight, pretrain
+from pipeline.train import checkpoint, preflight
+from pipeline import evaluate, finetune, pretrain
 from pipeline.config import ConfigError, dump_config, load_config, model_differences, to_dict
 
 
@@ -78,7 +79,7 @@ def test_evaluation_refuses_a_config_of_another_geometry(tmp_path):
         evaluate.load_model(str(run), other, "cpu")
     assert "model.fusion.heads: checkpoint 2, this config 4" in str(err.value)
     assert "model.vision.heads" in str(err.value)
-    # an fp32 file: the config written beside it by `python -m pipeline.checkpoint`
+    # an fp32 file: the config written beside it by `python -m pipeline.train.checkpoint`
     fp32 = tmp_path / "model_fp32.pt"
     fp32.write_bytes(b"")
     (tmp_path / "model_fp32.yaml").write_text(yaml.safe_dump(to_dict(load_config("tiny"))))

@@ -1,13 +1,14 @@
 """Retrieval metrics on hand-made matrices, chance level of an untrained model, ITM re-ranking, 2 ranks."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline import retrieval
+from train_fixtures import free_port
+
+from pipeline import zeroshot
 from pipeline.config import load_config
 from pipeline.data import train_tokenizer
 from pipeline.model import build_model
@@ -21,7 +22,7 @@ def test_recall_at_k_on_a_hand_made_matrix_with_several_captions_per_image():
         [0.7, 0.1, 0.2, 0.6, 0.0],  # image 1: texts 0 (no), 3 (own) -> hit@2
         [0.5, 0.4, 0.3, 0.2, 0.1],  # image 2: own text 4 ranked last -> hit@5 only
     ])
-    m = retrieval.recall_at_k(sim, sim.t(), txt2img, ks=(1, 2, 5))
+    m = zeroshot.recall_at_k(sim, sim.t(), txt2img, ks=(1, 2, 5))
     assert m["i2t_r1"] == pytest.approx(100 / 3)
     assert m["i2t_r2"] == pytest.approx(200 / 3)
     assert m["i2t_r5"] == pytest.approx(100.0)
@@ -35,7 +36,7 @@ def test_recall_at_k_on_a_hand_made_matrix_with_several_captions_per_image():
 
 def test_chance_recall_formula():
     txt2img = torch.tensor([0, 0, 1, 1, 2, 2])
-    c = retrieval.chance_recall(txt2img, 3, ks=(1, 2))
+    c = zeroshot.chance_recall(txt2img, 3, ks=(1, 2))
     assert c["t2i_r1"] == pytest.approx(100 / 3) and c["t2i_r2"] == pytest.approx(200 / 3)
     assert c["i2t_r1"] == pytest.approx(100 * 2 / 6)
     assert c["i2t_r2"] == pytest.approx(100 * (1 - 6 / 15))  # 1 - C(4,2)/C(6,2)
@@ -45,13 +46,13 @@ def test_rerank_changes_order_only_within_top_k():
     torch.manual_seed(0)
     sim = torch.randn(6, 20)
     k = 4
-    out = retrieval.rerank(sim, k, lambda r, cols: torch.randn(len(cols)))
+    out = zeroshot.rerank(sim, k, lambda r, cols: torch.randn(len(cols)))
     for r in range(6):
         before, after = sim[r].argsort(descending=True), out[r].argsort(descending=True)
         assert set(before[:k].tolist()) == set(after[:k].tolist())
         assert before[k:].tolist() == after[k:].tolist()
     assert not torch.equal(sim.argsort(1, descending=True)[:, :k], out.argsort(1, descending=True)[:, :k])
-    assert torch.equal(retrieval.rerank(sim, 0, None), sim)
+    assert torch.equal(zeroshot.rerank(sim, 0, None), sim)
 
 
 def _random_eval_set(n, frames=1, seed=0, size=32):
@@ -77,7 +78,7 @@ def test_untrained_model_scores_at_chance(tiny):
     torch.manual_seed(0)
     model = build_model(cfg)
     samples = _random_eval_set(150)
-    m = retrieval.evaluate_retrieval(model, samples, tok, cfg, rerank_k=0)
+    m = zeroshot.evaluate_retrieval(model, samples, tok, cfg, rerank_k=0)
     assert m["n_items"] == 150 and m["n_captions"] == 300
     # Random images and captions carry no signal: R@10 within ~4 standard deviations of chance.
     for d, n in (("t2i", 300), ("i2t", 150)):
@@ -93,7 +94,7 @@ def _dist_eval(rank, port, cfg, tok, samples, state, out):
     torch.set_num_threads(1)
     model = build_model(cfg)
     model.load_state_dict(state)
-    out[rank] = retrieval.evaluate_retrieval(model, samples, tok, cfg)
+    out[rank] = zeroshot.evaluate_retrieval(model, samples, tok, cfg)
     dist.destroy_process_group()
 
 
@@ -102,11 +103,9 @@ def test_distributed_evaluation_equals_single_rank(tiny):
     torch.manual_seed(1)
     model = build_model(cfg)
     samples = _random_eval_set(13, frames=2, seed=1)  # odd count: ranks get unequal shares
-    single = retrieval.evaluate_retrieval(model, samples, tok, cfg)
+    single = zeroshot.evaluate_retrieval(model, samples, tok, cfg)
     assert "itm_r_mean" in single
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = mp.Manager().dict()
     mp.spawn(_dist_eval, args=(port, cfg, tok, samples, model.state_dict(), out), nprocs=2)
     for rank in (0, 1):
@@ -122,12 +121,12 @@ def test_real_coco_bookkeeping(tiny, shared_data):
     cfg, tok = tiny
     ann = shared_data / "coco_239" / "captions.jsonl"
     rows = [json.loads(line) for line in ann.read_text().splitlines()][:40]
-    samples = list(retrieval.load_eval_set(str(ann), "image", cfg, num_samples=40))
+    samples = list(zeroshot.load_eval_set(str(ann), "image", cfg, num_samples=40))
     assert [k for k, _, _ in samples] == [f"{r['coco_id']:012d}" for r in rows]
     assert [c for _, _, c in samples] == [[c.strip() for c in r["captions"]] for r in rows]
     assert all(p.shape == (1, 3, 32, 32) for _, p, _ in samples)
     torch.manual_seed(0)
-    m = retrieval.evaluate_retrieval(build_model(cfg), samples, tok, cfg, rerank_k=0)
+    m = zeroshot.evaluate_retrieval(build_model(cfg), samples, tok, cfg, rerank_k=0)
     n_caps = sum(len(r["captions"]) for r in rows)
     assert (m["n_items"], m["n_captions"]) == (40, n_caps)
     assert m["chance_t2i_r1"] == pytest.approx(100 / 40)
@@ -150,9 +149,9 @@ def test_skipped_eval_items_are_reported_with_the_score(tiny, tmp_path):
             jpg = b"<html>not an image</html>" if i == 2 else buf.getvalue()
             sink.write({"__key__": f"{i:05d}", "jpg": jpg, "txt": "a red circle"})
     (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 6}))
-    samples = retrieval.load_eval_set(str(tmp_path / "00000.tar"), "image", cfg)
+    samples = zeroshot.load_eval_set(str(tmp_path / "00000.tar"), "image", cfg)
     torch.manual_seed(0)
-    m = retrieval.evaluate_retrieval(build_model(cfg), samples, tok, cfg)
+    m = zeroshot.evaluate_retrieval(build_model(cfg), samples, tok, cfg)
     assert m["n_items"] == 5 and sum(v for k, v in m.items() if k.startswith("skipped/")) == 1, m
     reason = next(k for k in m if k.startswith("skipped/")).split("/", 1)[1]
-    assert f"; skipped: {reason} 1" in retrieval.format_metrics(m)
+    assert f"; skipped: {reason} 1" in zeroshot.format_metrics(m)

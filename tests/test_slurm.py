@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from train_fixtures import read_scalars, write_train_data
+from train_fixtures import process_env, read_scalars, write_train_data
 
 REPO = Path(__file__).resolve().parents[1]
 SUBMIT = [sys.executable, str(REPO / "slurm" / "submit.py")]
@@ -41,8 +41,7 @@ def slurm_env(tmp_path_factory):
     if start.returncode != 0:
         subprocess.run(["bash", script, "stop", str(state)], capture_output=True, timeout=120)
         pytest.skip(f"the local SLURM cluster could not start:\n{start.stdout[-1500:]}{start.stderr[-1500:]}")
-    env = dict(os.environ, SLURM_CONF=str(state / "slurm.conf"), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1")
+    env = process_env(SLURM_CONF=str(state / "slurm.conf"))
     try:
         yield env
     finally:
@@ -231,8 +230,8 @@ def test_srun_job_at_its_time_limit_saves_its_step_and_resumes_bit_identically(s
     limit (SIGTERM to every task): the ranks save the step they were on and exit 75. Resumed from the
     job's last periodic checkpoint, a run recomputes the job's later steps bit for bit (the LR schedule
     is flat after warmup here, so it does not depend on train.steps)."""
-    from pipeline import checkpoint
-    from train_fixtures import _finish, _torchrun
+    from pipeline.train import checkpoint
+    from train_fixtures import finish, torchrun
 
     config = write_train_data(tmp_path)
     run, out = tmp_path / "run", tmp_path / "job.out"
@@ -262,7 +261,7 @@ srun {sys.executable} pipeline/pretrain.py --config {config} train.zero_stage=2 
     periodic = (k - 1) // 25 * 25
     assert periodic >= 25, k
     again = tmp_path / "again"
-    _finish(_torchrun(["pipeline/pretrain.py", "--config", config, "train.zero_stage=2", f"train.output_dir={again}",
+    finish(torchrun(["pipeline/pretrain.py", "--config", config, "train.zero_stage=2", f"train.output_dir={again}",
                        f"train.steps={k}", "train.min_lr_ratio=1.0", "train.log_every=1", "train.save_every=1000",
                        f"--resume={run / 'checkpoints' / f'step_{periodic:08d}'}"], tmp_path / "again.log"),
             tmp_path / "again.log")

@@ -135,7 +135,7 @@ def test_retrieval_readers_on_karpathy_albef_flickr_and_msrvtt(tmp_path):
 # ---------------------------------------------------------------- synthetic sets in the real formats
 @pytest.fixture(scope="module")
 def task_sets(tmp_path_factory):
-    from dataprep.synthetic_tasks import build_task_sets
+    from dataprep.shapes_tasks import build_task_sets
 
     return build_task_sets(tmp_path_factory.mktemp("tasks"), vqa_images=(60, 20), nlvr2_sets=(20, 10, 10),
                            retrieval_images=(40, 10, 10))

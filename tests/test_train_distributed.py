@@ -18,14 +18,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from train_fixtures import (REPO, STEPS, _descendants, _env, _finish, _free_port, _torchrun, read_scalars,
+from train_fixtures import (REPO, STEPS, kill_tree, process_env, finish, free_port, torchrun, read_scalars,
                             newest_complete_step, run_driver, write_train_data)
 
 NAN_CALLS_ONCE, NAN_FROM_CALL = 3, 8  # rank 1's forward calls that return a NaN loss (ZeRO-3 run)
@@ -37,9 +36,9 @@ def runs(tmp_path_factory):
     """Launch A in the background while B runs, kill B, then C. Returns the paths."""
     root = tmp_path_factory.mktemp("train")
     config = write_train_data(root)
-    a = _torchrun([Path(__file__), "--config", config, "--out", root], root / "a.log")
+    a = torchrun([Path(__file__), "--config", config, "--out", root], root / "a.log")
     b_dir = root / "zero2_resumed"
-    b = _torchrun(["pipeline/pretrain.py", "--config", config, "train.zero_stage=2", f"train.steps={LONG}",
+    b = torchrun(["pipeline/pretrain.py", "--config", config, "train.zero_stage=2", f"train.steps={LONG}",
                    f"train.output_dir={b_dir}"], root / "b.log")
     latest = b_dir / "checkpoints" / "latest"
     deadline = time.time() + 300
@@ -47,20 +46,16 @@ def runs(tmp_path_factory):
         assert b.poll() is None, f"run B ended before its first checkpoint:\n{(root / 'b.log').read_text()[-4000:]}"
         assert time.time() < deadline, "run B: no checkpoint in time"
         time.sleep(0.05)
-    for pid in _descendants(b.pid) + [b.pid]:  # both ranks mid-training, then torchrun
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert b.wait() == -signal.SIGKILL
+    kill_tree(b)  # both ranks mid-training, then torchrun
+    assert b.returncode == -signal.SIGKILL
     killed_at = newest_complete_step(b_dir)
     c = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr",
-                        "127.0.0.1", "--master_port", str(_free_port()), "pipeline/pretrain.py", "--config",
+                        "127.0.0.1", "--master_port", str(free_port()), "pipeline/pretrain.py", "--config",
                         str(config), "train.zero_stage=2", "--resume", "auto", f"train.steps={LONG}",
                         f"train.output_dir={b_dir}"],
-                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+                       cwd=REPO, env=process_env(), capture_output=True, text=True, timeout=300)
     assert c.returncode == 0, c.stdout[-6000:] + c.stderr[-3000:]
-    _finish(a, root / "a.log")
+    finish(a, root / "a.log")
     return {"root": root, "config": config, "resumed": b_dir, "killed_at": killed_at, "c_log": c.stdout}
 
 
@@ -161,7 +156,7 @@ def test_kill_and_resume_is_bit_identical_to_the_uninterrupted_run(runs):
 @pytest.mark.slow
 def test_resume_with_more_steps_follows_the_new_schedule(runs):
     from pipeline.config import load_config
-    from pipeline.engine import lr_factor
+    from pipeline.train.engine import lr_factor
 
     first, total = SCHED
     lrs = read_scalars(runs["root"] / "sched")
@@ -192,7 +187,7 @@ def test_tensorboard_holds_the_tags(runs):
 def test_zero_to_fp32_output_loads_into_the_model(runs, tmp_path):
     import torch
 
-    from pipeline import checkpoint
+    from pipeline.train import checkpoint
     from pipeline.config import load_config
     from pipeline.data import build_train_loader
     from pipeline.model import build_model
@@ -201,7 +196,7 @@ def test_zero_to_fp32_output_loads_into_the_model(runs, tmp_path):
     cfg = load_config(runs["config"])
     # the run's config travels with the weights: evaluation refuses another geometry for them
     from pipeline.config import ConfigError
-    from pipeline.checkpoint import check_model_section
+    from pipeline.train.checkpoint import check_model_section
 
     assert out.with_suffix(".yaml").is_file()
     check_model_section(out, cfg)
@@ -227,7 +222,7 @@ def _driver(config: str, out: Path) -> None:
     import torch
 
     import pipeline.pretrain as pretrain
-    from pipeline import engine as engine_lib
+    from pipeline.train import engine as engine_lib, trainer
     from pipeline.config import load_config
 
     def cfg(stage, **train):
@@ -290,7 +285,7 @@ def _driver(config: str, out: Path) -> None:
     try:
         pretrain.train(cfg(3, save_every=2, max_nonfinite=2, activation_checkpointing="true"))
         raise AssertionError("the ZeRO-3 run should have stopped on non-finite losses")
-    except engine_lib.NonFiniteLoss as err:
+    except trainer.NonFiniteLoss as err:
         if rank == 0:
             (out / "zero3_error.txt").write_text(str(err))
 

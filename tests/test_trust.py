@@ -6,13 +6,8 @@ from collections import Counter
 import pytest
 
 from data_fixtures import caption, tiny_config
-from pipeline.data import DataError, build_train_loader, train_tokenizer
+from pipeline.data import DataError, build_train_loader
 from pipeline.data.shards import resolve_source
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return train_tokenizer([caption(i) for i in range(200)], tmp_path_factory.mktemp("tok"), vocab_size=400)
 
 
 def _dataprep_shard(out, shard_id, n, bad=()):

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import REPO, _env, _finish, _torchrun, write_train_data
+from train_fixtures import REPO, process_env, finish, torchrun, write_train_data
 
-from pipeline import checkpoint
+from pipeline.train import checkpoint
 
 pytestmark = pytest.mark.slow
 PAYLOAD_CLASS = "io.open"  # what the planted pickle calls: open(marker, "w")
@@ -35,7 +35,7 @@ def run(tmp_path_factory):
     config = write_train_data(root)
     out = root / "run"
     log = root / "train.log"
-    _finish(_torchrun(["pipeline/pretrain.py", "--config", config, "train.zero_stage=2", f"train.output_dir={out}",
+    finish(torchrun(["pipeline/pretrain.py", "--config", config, "train.zero_stage=2", f"train.output_dir={out}",
                        "train.steps=4", "train.save_every=2"], log), log)
     return {"root": root, "config": config, "run": out}
 
@@ -57,7 +57,7 @@ def _plant(src: Path, dst: Path, target: str) -> tuple[Path, Path]:
 
 
 def _run(args, timeout=240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=_env(), capture_output=True, text=True,
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=process_env(), capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -79,7 +79,7 @@ def test_a_payload_in_deepspeed_model_states_is_refused_everywhere(run, tmp_path
     assert proc.returncode != 0
     _refused(proc, path)
     # consolidation for sharing
-    proc = _run(["-m", "pipeline.checkpoint", bad, "--out", tmp_path / "model.safetensors"])
+    proc = _run(["-m", "pipeline.train.checkpoint", bad, "--out", tmp_path / "model.safetensors"])
     assert proc.returncode != 0 and not (tmp_path / "model.safetensors").exists()
     _refused(proc, path)
     # fine-tuning's --init (the loader finetune.py uses)
@@ -89,7 +89,7 @@ def test_a_payload_in_deepspeed_model_states_is_refused_everywhere(run, tmp_path
     _refused(str(err.value), path)
     # resuming training on 2 ranks, --resume auto: both ranks stop, no step is trained
     log = tmp_path / "resume.log"
-    proc = _torchrun(["pipeline/pretrain.py", "--config", run["config"], "train.zero_stage=2", f"train.output_dir={bad}",
+    proc = torchrun(["pipeline/pretrain.py", "--config", run["config"], "train.zero_stage=2", f"train.output_dir={bad}",
                       "train.steps=6", "train.save_every=2"], log)
     proc.wait(timeout=240)
     assert proc.returncode != 0
@@ -103,7 +103,7 @@ def test_a_payload_in_a_rank_file_is_refused_on_resume(run, tmp_path):
     path, marker = _plant(run["run"], bad, "rank_00000.pt")
     tag = bad / "checkpoints" / "step_00000004"
     log = tmp_path / "resume.log"
-    proc = _torchrun(["pipeline/pretrain.py", "--config", run["config"], "train.zero_stage=2", f"train.output_dir={bad}",
+    proc = torchrun(["pipeline/pretrain.py", "--config", run["config"], "train.zero_stage=2", f"train.output_dir={bad}",
                       "train.steps=6", f"--resume={tag}"], log)
     proc.wait(timeout=240)
     assert proc.returncode != 0
@@ -113,7 +113,7 @@ def test_a_payload_in_a_rank_file_is_refused_on_resume(run, tmp_path):
 
 def test_safetensors_export_carries_the_config_and_refuses_another_geometry(run, tmp_path):
     out = tmp_path / "model.safetensors"
-    proc = _run(["-m", "pipeline.checkpoint", run["run"], "--out", out])
+    proc = _run(["-m", "pipeline.train.checkpoint", run["run"], "--out", out])
     assert proc.returncode == 0, proc.stderr
     state, config = checkpoint.read_weights(out)
     assert "model:" in config and "vision.pos_embed" in state

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 
-from pipeline.monitor import read_scalars  # noqa: F401 - the tests' TensorBoard read-back
+from pipeline.train.monitor import read_scalars  # noqa: F401 - the tests' TensorBoard read-back
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,31 +77,32 @@ def run_driver(driver) -> None:
     driver(args.config, args.out)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _env() -> dict:
-    # TORCH_EXTENSIONS_DIR (set by conftest) is inherited: DeepSpeed's comm op is compiled once.
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def process_env(**extra) -> dict:
+    """The environment of a process a test starts: conftest's (DS_ACCELERATOR, TORCH_EXTENSIONS_DIR:
+    DeepSpeed's comm op is compiled once, ...) with one thread per rank and unbuffered output."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
 
 
-def _torchrun(args, log: Path, nproc: int = 2, **kw) -> subprocess.Popen:
+def torchrun(args, log: Path, nproc: int = 2, **kw) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), *map(str, args)]
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, **kw)
+           "--master_port", str(free_port()), *map(str, args)]
+    return subprocess.Popen(cmd, cwd=REPO, env=process_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, **kw)
 
 
-def _finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> str:
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> str:
     proc.wait(timeout=timeout)
     text = log.read_text()
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{text[-6000:]}"
     return text
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Every process below `pid` (torchrun starts each worker in its own session)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -129,7 +130,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL every process below `proc` (the ranks run in their own sessions), then `proc`."""
     import signal
 
-    for pid in _descendants(proc.pid) + [proc.pid]:
+    for pid in descendants(proc.pid) + [proc.pid]:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -3,7 +3,15 @@ from __future__ import annotations
 
 from pipeline.config import check_pipe
 from pipeline.data.samples import BadSample, decode_sample
-from pipeline.data.shards import DataError, SeenKeys, Skips, expand_shards, missing_message, missing_shards, read_shard
+from pipeline.data.shards import (
+    DataError,
+    SeenKeys,
+    Skips,
+    expand_shards,
+    missing_message,
+    missing_shards,
+    read_shard,
+)
 
 
 class EvalSamples:

@@ -26,17 +26,24 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import Config, validate
 from pipeline.data.image import Augment
+from pipeline.data.masking import make_masks
 from pipeline.data.samples import BadSample, decode_sample
 from pipeline.data.schedule import derive_seed, epoch_schedule
-from pipeline.data.shards import (DataError, SampleStream, Skips, Source, count_distinct, ranges_to_segments,
-                                  resolve_source)
+from pipeline.data.shards import (
+    DataError,
+    SampleStream,
+    Skips,
+    Source,
+    count_distinct,
+    ranges_to_segments,
+    resolve_source,
+)
 from pipeline.data.tokenizer import check_tokenizer, encode, load_tokenizer
-from pipeline.masking import make_masks
 
 log = logging.getLogger("pipeline.data")
 
 
-class _EpochBatches(IterableDataset):
+class _SourcesEpoch(IterableDataset):
     """The batches of one epoch from `start` on, for one rank; split among DataLoader workers by slot."""
 
     def __init__(self, loader: "TrainLoader", epoch: int, start: int, cursors: dict):
@@ -115,7 +122,7 @@ class _EpochBatches(IterableDataset):
             pixels.append(px)
             captions.append(caps[rng.randrange(len(caps))])
             keys.append(raw.key)
-        text = encode(tok, captions, cfg.model.text.max_len)
+        text = encode(tok, captions, cfg.model.text.max_len, word_ids=True)
         batch = {"pixels": torch.stack(pixels), "text_ids": text["text_ids"], "attention_mask": text["attention_mask"]}
         batch.update(self._masks(batch, text["word_ids"], step, (size // cfg.model.vision.patch_size) ** 2))
         # itm_seed keys the step's ITM negatives like the masks: a resumed run draws the same ones.
@@ -221,12 +228,8 @@ class TrainLoader:
 
     def __iter__(self):
         d = self.cfg.data
-        batches = _EpochBatches(self, self.epoch, self.step, self._cursors)
-        # Its own generator: a DataLoader iterator otherwise draws its base seed from the global RNG,
-        # which the checkpoint restores, so a resumed run would draw different ITM negatives and dropout.
-        seed = torch.Generator().manual_seed(derive_seed("dataloader", d.seed, self.epoch, self.rank, self.step))
-        loader = DataLoader(batches, batch_size=None, num_workers=d.workers, pin_memory=torch.cuda.is_available(),
-                            prefetch_factor=d.prefetch if d.workers > 0 else None, generator=seed)
+        loader = batch_loader(_SourcesEpoch(self, self.epoch, self.step, self._cursors), d.workers,
+                              (d.seed, self.epoch, self.rank, self.step), d.prefetch)
         counted = set()  # (reason, item) this epoch: a bad item read by two slots counts once per rank
         for batch in loader:
             if batch["step"] != self.step:
@@ -243,13 +246,26 @@ class TrainLoader:
         self.epoch, self.step, self._cursors = self.epoch + 1, 0, {}
 
 
+def batch_loader(batches: IterableDataset, workers: int, seed_parts: tuple, prefetch: int = 2) -> DataLoader:
+    """A DataLoader over an iterable of whole batches (workers hand them out in turn). Its own
+    generator: it would otherwise draw its base seed from the global RNG, which a checkpoint
+    restores, so a resumed run would draw other ITM negatives and dropout than an uninterrupted one."""
+    seed = torch.Generator().manual_seed(derive_seed("dataloader", *seed_parts))
+    return DataLoader(batches, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      prefetch_factor=prefetch if workers > 0 else None, generator=seed)
+
+
+def resolve_sources(cfg: Config) -> list[Source]:
+    """`cfg.data.sources` with their shards expanded and counted (an error names what is missing)."""
+    if not cfg.data.sources:
+        raise DataError("data.sources is empty: no training data configured")
+    return [resolve_source(s.name or f"source{i}", s.modality, s.weight, s.shards, s.num_samples)
+            for i, s in enumerate(cfg.data.sources)]
+
+
 def build_train_loader(cfg: Config, rank: int, world_size: int, tokenizer=None) -> TrainLoader:
     """The loader for `rank` of `world_size` over `cfg.data.sources` (tokenizer: cfg.data.tokenizer)."""
     validate(cfg)
-    if not cfg.data.sources:
-        raise DataError("data.sources is empty: no training data configured")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.data.tokenizer)
     check_tokenizer(tokenizer, cfg.model.text)
-    sources = [resolve_source(s.name or f"source{i}", s.modality, s.weight, s.shards, s.num_samples)
-               for i, s in enumerate(cfg.data.sources)]
-    return TrainLoader(cfg, rank, world_size, tokenizer, sources)
+    return TrainLoader(cfg, rank, world_size, tokenizer, resolve_sources(cfg))

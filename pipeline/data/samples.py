@@ -6,7 +6,13 @@ import random
 
 import torch
 
-from pipeline.data.image import IMAGE_EXTS, MAX_PIXELS, Augment, TooManyPixels, decode_image
+from pipeline.data.image import (
+    IMAGE_EXTS,
+    MAX_PIXELS,
+    Augment,
+    TooManyPixels,
+    decode_image,
+)
 from pipeline.data.shards import RawSample
 from pipeline.data.video import VIDEO_EXTS, decode_frames, decode_video, stored_frames
 

@@ -153,6 +153,28 @@ def resolve_source(name: str, modality: str, weight: float, pattern: str, num_sa
     missing = missing_shards(urls)
     if len(missing) == len(urls):
         raise DataError(missing_message(f"source '{name}'", urls, missing))
+    kept, counts, invalid, excluded, unknown = _indexed_counts(urls)
+    _check_listed(name, pattern, urls, missing, kept, excluded, unknown)
+    if num_samples > 0 and (unknown or sum(counts) != num_samples):
+        if not unknown:
+            log.warning("source %s: num_samples=%d but the shards' counts total %d; using %d",
+                        name, num_samples, sum(counts), num_samples)
+        q, r = divmod(num_samples, len(kept))  # spread: the positions of the shards' own layout no longer apply
+        counts, invalid = [q + (i < r) for i in range(len(kept))], [[] for _ in kept]
+    elif unknown and num_samples <= 0:
+        raise DataError(f"source {name}: no sample count for {unknown[0]} ({len(unknown)} shard(s) without one): "
+                        "write sizes.json (dataprep validate), keep img2dataset's *_stats.json beside the "
+                        "shards, or set num_samples for the source")
+    if sum(counts) == 0:
+        raise DataError(f"source {name}: its shards hold no samples")
+    shards = [(u, c, bad) for u, c, bad in zip(kept, counts, invalid) if c > 0]  # empty shards hold nothing to read
+    return Source(name, modality, weight, [u for u, _, _ in shards], [c for _, c, _ in shards],
+                  [bad for _, _, bad in shards])
+
+
+def _indexed_counts(urls: list[str]):
+    """(kept urls, their counts (None: unknown), their invalid positions, urls sizes.json leaves out,
+    urls without a count) from each folder's sizes.json and invalid.json, else each shard's _stats.json."""
     sizes, bad_at, kept, counts, invalid, excluded, unknown = {}, {}, [], [], [], [], []
     for url in urls:
         folder, base = url.rsplit("/", 1) if "/" in url else (".", url)
@@ -160,18 +182,21 @@ def resolve_source(name: str, modality: str, weight: float, pattern: str, num_sa
             sizes[folder] = _read_json_near(url, "sizes.json")
             bad_at[folder] = _read_json_near(url, INVALID_INDEX) if isinstance(sizes[folder], dict) else None
         index = sizes[folder]
-        if isinstance(index, dict):
-            if base not in index:
-                excluded.append(url)
-                continue
-            count = _count(index[base], f"{folder}/sizes.json", base)
-        else:
-            count = _stats_count(url)
+        if isinstance(index, dict) and base not in index:
+            excluded.append(url)
+            continue
+        count = _count(index[base], f"{folder}/sizes.json", base) if isinstance(index, dict) else _stats_count(url)
         if count is None:
             unknown.append(url)
         kept.append(url)
         counts.append(count)
         invalid.append(_invalid_positions(bad_at[folder], f"{folder}/{INVALID_INDEX}", base))
+    return kept, counts, invalid, excluded, unknown
+
+
+def _check_listed(name: str, pattern: str, urls, missing, kept, excluded, unknown) -> None:
+    """A missing shard without a count of its own is a wrong pattern (an error); one that sizes.json
+    lists is read as unreadable (warned), so that every rank keeps the same layout."""
     gone = set(missing)
     if gone & set(unknown):
         raise DataError(missing_message(f"source '{name}'", urls, missing))
@@ -184,24 +209,6 @@ def resolve_source(name: str, modality: str, weight: float, pattern: str, num_sa
                     f", {len(gone & set(excluded))} of which do not exist" if gone & set(excluded) else "")
     if not kept:
         raise DataError(f"source {name}: none of the {len(urls)} shards of '{pattern}' is listed in sizes.json")
-    if num_samples > 0:
-        if unknown or sum(counts) != num_samples:
-            if not unknown:
-                log.warning("source %s: num_samples=%d but the shards' counts total %d; using %d",
-                            name, num_samples, sum(counts), num_samples)
-            q, r = divmod(num_samples, len(kept))
-            counts = [q + (i < r) for i in range(len(kept))]
-    elif unknown:
-        raise DataError(f"source {name}: no sample count for {unknown[0]} ({len(unknown)} shard(s) without one): "
-                        "write sizes.json (dataprep validate), keep img2dataset's *_stats.json beside the "
-                        "shards, or set num_samples for the source")
-    if sum(counts) == 0:
-        raise DataError(f"source {name}: its shards hold no samples")
-    if num_samples > 0 and unknown:
-        invalid = [[] for _ in kept]  # spread counts: positions of another layout do not apply
-    shards = [(u, c, bad) for u, c, bad in zip(kept, counts, invalid) if c > 0]  # empty shards hold nothing to read
-    return Source(name, modality, weight, [u for u, _, _ in shards], [c for _, c, _ in shards],
-                  [bad for _, _, bad in shards])
 
 
 INVALID_INDEX = "invalid.json"  # {"00000.tar": [positions of stored samples that do not decode], ...}

@@ -40,13 +40,15 @@ def train_tokenizer(captions: list[str], out_dir, vocab_size: int = 1000):
     return load_tokenizer(out_dir)
 
 
-def encode(tokenizer, texts: list[str], max_len: int) -> dict:
-    """Captions -> `text_ids`, `attention_mask` [B, max_len] (padded, truncated) and `word_ids` (each
-    token's word index from the fast tokenizer, -1 for special and padding tokens; MLM's whole words)."""
+def encode(tokenizer, texts: list[str], max_len: int, word_ids: bool = False) -> dict:
+    """Captions -> `text_ids`, `attention_mask` [B, max_len] (padded, truncated) and, with `word_ids`,
+    each token's word index from the fast tokenizer (-1 for special and padding tokens; MLM's whole words)."""
     enc = tokenizer(texts, max_length=max_len, truncation=True, padding="max_length", return_tensors="pt")
-    words = [[-1 if w is None else w for w in enc.word_ids(i)] for i in range(len(texts))]
-    return {"text_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long(),
-            "word_ids": torch.tensor(words, dtype=torch.long)}
+    out = {"text_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
+    if word_ids:
+        words = [[-1 if w is None else w for w in enc.word_ids(i)] for i in range(len(texts))]
+        out["word_ids"] = torch.tensor(words, dtype=torch.long)
+    return out
 
 
 def check_tokenizer(tokenizer, text_cfg) -> None:

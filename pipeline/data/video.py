@@ -19,7 +19,6 @@ import random
 import re
 
 import av
-import numpy as np
 import torch
 from PIL import Image
 

@@ -84,6 +84,11 @@ class SCLModel(nn.Module):
         # Shape [1], not 0-dim: DeepSpeed broadcasts parameters through a byte view that 0-dim tensors lack.
         self.itc_temp = nn.Parameter(torch.full((1,), mc.itc_temp_init))
 
+    def set_grad_checkpointing(self, on: bool = True) -> None:
+        """Recompute the towers' activations in backward (train.activation_checkpointing)."""
+        self.vision.grad_checkpointing = on
+        self.text.set_grad_checkpointing(on)
+
     # ---- encoders and fusion (also used by retrieval evaluation) ----
     def encode_vision(self, pixels, keep=None):
         return self.vision(pixels, keep)
@@ -129,7 +134,7 @@ class SCLModel(nn.Module):
     def forward(self, batch, generator=None, features_only=False, cached=None):
         """The losses of one batch; `loss` is their weighted sum.
 
-        Contrastive accumulation (pipeline/gradcache.py) runs each micro-batch twice:
+        Contrastive accumulation (pipeline/train/gradcache.py) runs each micro-batch twice:
         `features_only=True` returns `contrastive_features` and does no other work; `cached` (a
         `gradcache.Cached`) then stands in for the ITC and SCL losses with the surrogate that carries
         their gradient over the whole accumulated batch.

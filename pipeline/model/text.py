@@ -35,3 +35,5 @@ class TextEncoder(nn.Module):
     def set_grad_checkpointing(self, on: bool = True):
         if on:
             self.roberta.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.roberta.gradient_checkpointing_disable()

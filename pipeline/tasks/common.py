@@ -15,14 +15,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline import checkpoint, distributed
+from pipeline import distributed
 from pipeline.data.image import Augment, TooManyPixels, decode_image
+from pipeline.data.loader import batch_loader
 from pipeline.data.samples import BadSample
 from pipeline.data.schedule import derive_seed
 from pipeline.data.shards import DataError, Skips
+from pipeline.data.tokenizer import encode
 from pipeline.data.video import decode_video
+from pipeline.train import checkpoint
 
 log = logging.getLogger("pipeline.tasks")
 
@@ -44,13 +47,25 @@ def load_media(path: str | Path, modality: str, cfg, rng: random.Random | None) 
         raise BadSample(f"corrupt_{modality}", f"{path}: {type(err).__name__}: {err}") from None
 
 
-def tokenize(tokenizer, texts: list[str], max_len: int) -> dict:
-    enc = tokenizer(texts, max_length=max_len, truncation=True, padding="max_length", return_tensors="pt")
-    return {"text_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
+# ---------------------------------------------------------------- what every task is
+class BaseTask:
+    """A task's config and tokenizer, the metric its best checkpoint is chosen by (`best`: an eval
+    tag and "max" | "min"), and what the runner calls besides: `bind_train(records)` (the whole
+    training split), `text(texts)` (the tokenised batch)."""
+    name, best = "", ("", "max")
+
+    def __init__(self, cfg, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+
+    def bind_train(self, records: list[dict]) -> None:
+        """Most tasks need no more than the record at hand; retrieval draws negative captions."""
+
+    def text(self, texts: list[str]) -> dict:
+        return encode(self.tokenizer, texts, self.cfg.model.text.max_len)
 
 
 # ---------------------------------------------------------------- training loader
-class _EpochBatches(IterableDataset):
+class _RecordsEpoch(IterableDataset):
     def __init__(self, loader: "TaskLoader", epoch: int, start: int):
         self.loader, self.epoch, self.start = loader, epoch, start
 
@@ -112,10 +127,8 @@ class TaskLoader:
         return self.steps_per_epoch
 
     def __iter__(self):
-        # Own generator: the global RNG (restored on resume) must not be drawn from here (see data/loader.py).
-        seed = torch.Generator().manual_seed(derive_seed("dataloader", self.seed, self.epoch, self.rank, self.step))
-        data = DataLoader(_EpochBatches(self, self.epoch, self.step), batch_size=None, num_workers=self.workers,
-                          generator=seed)
+        data = batch_loader(_RecordsEpoch(self, self.epoch, self.step), self.workers,
+                            (self.seed, self.epoch, self.rank, self.step))
         for batch in data:
             if batch["step"] != self.step:
                 raise RuntimeError(f"task loader out of order: got step {batch['step']}, expected {self.step}")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from pipeline.data.shards import DataError
 from pipeline.model.scl import SCLModel, init_fusion_weights
-from pipeline.tasks.common import load_media, tokenize
+from pipeline.tasks.common import BaseTask, load_media
 
 
 def _label(value) -> bool:
@@ -135,12 +135,11 @@ class NLVR2Model(SCLModel):
         return {"nlvr2": loss, "loss": loss}
 
 
-class Task:
+class Task(BaseTask):
     name, best = "nlvr2", ("eval/val/accuracy", "max")
-    train_augment = True
 
     def __init__(self, cfg, tokenizer):
-        self.cfg, self.tokenizer = cfg, tokenizer
+        super().__init__(cfg, tokenizer)
 
     def build_model(self):
         return NLVR2Model(self.cfg)
@@ -152,7 +151,7 @@ class Task:
                 "label": int(bool(record.get("label")))}
 
     def collate(self, samples):
-        batch = tokenize(self.tokenizer, [s["sentence"] for s in samples], self.cfg.model.text.max_len)
+        batch = self.text([s["sentence"] for s in samples])
         batch.update(pixels=torch.stack([s["pixels"] for s in samples]),
                      pixels_right=torch.stack([s["pixels_right"] for s in samples]),
                      labels=torch.tensor([s["label"] for s in samples]))

@@ -14,7 +14,7 @@ Training   `loss.irtr > 0` (the default of configs/finetune_retrieval.yaml; METE
            `loss.irtr = 0`: the pre-training ITC + ITM instead (the SCL model with the task's weights).
 Evaluation ITC ranks every candidate; each query's top `eval.itm_rerank_k` (128 Flickr30k and
            MSR-VTT, 256 COCO) are re-scored (`eval.rerank`: the ranking head, or ITC + ITM);
-           R@1/5/10 both ways (pipeline.retrieval)
+           R@1/5/10 both ways (pipeline.zeroshot)
 """
 from __future__ import annotations
 
@@ -26,11 +26,11 @@ import torch
 import torch.nn as nn
 
 from pipeline import objectives as obj
-from pipeline import retrieval
+from pipeline import zeroshot
 from pipeline.data.samples import BadSample
 from pipeline.data.shards import DataError
 from pipeline.model.scl import SCLModel
-from pipeline.tasks.common import load_media, tokenize
+from pipeline.tasks.common import BaseTask, load_media
 
 
 def read_karpathy(path: str, media_root: str, split: str) -> list[dict]:
@@ -103,7 +103,7 @@ def read_split(cfg, split: str) -> list[dict]:
 
 
 class _Samples:
-    """(key, pixels, captions) of eval items for pipeline.retrieval; unloadable items counted."""
+    """(key, pixels, captions) of eval items for pipeline.zeroshot; unloadable items counted."""
 
     def __init__(self, items, cfg):
         self.items, self.cfg, self.skipped = items, cfg, {}
@@ -162,12 +162,11 @@ class RetrievalModel(SCLModel):
         return losses
 
 
-class Task:
+class Task(BaseTask):
     name = "retrieval"
-    train_augment = True
 
     def __init__(self, cfg, tokenizer):
-        self.cfg, self.tokenizer = cfg, tokenizer
+        super().__init__(cfg, tokenizer)
         self.irtr = cfg.loss.irtr > 0
         self.best = (f"eval/val/{cfg.eval.rerank}_r_mean", "max")
         self.pool: list[dict] = []  # the training records negative captions are drawn from (bind_train)
@@ -198,7 +197,7 @@ class Task:
 
     def collate(self, samples):
         texts = [[s["caption"], *s.get("negatives", ())] for s in samples]
-        batch = tokenize(self.tokenizer, [t for row in texts for t in row], self.cfg.model.text.max_len)
+        batch = self.text([t for row in texts for t in row])
         if self.irtr:  # [B, 1 + N, L]
             batch = {k: v.view(len(samples), len(texts[0]), -1) for k, v in batch.items()}
         batch["pixels"] = torch.stack([s["pixels"] for s in samples])
@@ -206,7 +205,7 @@ class Task:
 
     def evaluate_items(self, model, items) -> dict:
         samples = _Samples(items, self.cfg)
-        m = retrieval.evaluate_retrieval(model, samples, self.tokenizer, self.cfg)
+        m = zeroshot.evaluate_retrieval(model, samples, self.tokenizer, self.cfg)
         m = {k: v for k, v in m.items() if not isinstance(v, str)}
         m.update({f"skipped/{k}": v for k, v in samples.skipped.items()})
         return m

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from pipeline.data.shards import DataError
 from pipeline.model.scl import SCLModel, init_fusion_weights
-from pipeline.tasks.common import load_media, tokenize
+from pipeline.tasks.common import BaseTask, load_media
 
 # ---------------------------------------------------------------- the official answer normalisation
 _CONTRACTIONS = {w.replace("'", ""): w for w in (
@@ -213,12 +213,11 @@ class VQAModel(SCLModel):
 
 
 # ---------------------------------------------------------------- the task
-class Task:
+class Task(BaseTask):
     name, best = "vqa", ("eval/val/vqa_score", "max")
-    train_augment = True
 
     def __init__(self, cfg, tokenizer):
-        self.cfg, self.tokenizer = cfg, tokenizer
+        super().__init__(cfg, tokenizer)
         self.vocab = load_vocab(cfg.task.answers)
         self.index = {a: i for i, a in enumerate(self.vocab)}
 
@@ -234,7 +233,7 @@ class Task:
         return {"pixels": pixels, "question": record["question"], "targets": target}
 
     def collate(self, samples):
-        batch = tokenize(self.tokenizer, [s["question"] for s in samples], self.cfg.model.text.max_len)
+        batch = self.text([s["question"] for s in samples])
         batch.update(pixels=torch.stack([s["pixels"] for s in samples]),
                      targets=torch.stack([s["targets"] for s in samples]))
         return batch

@@ -1,9 +1,5 @@
-"""A run's hold on its output directory, on its launcher, and on the signals that stop it.
+"""A rank's process: its launcher, the signals that stop it, and how it ends.
 
-- `OutputLock`: rank 0 holds an exclusive `flock` on `<output_dir>/.lock` while the run lives, so a
-  second run on the same directory (which would write checkpoints over this one's) refuses to start.
-  The kernel drops the lock when its process dies, however it dies: a killed run never blocks the
-  next one. The file names the holder (host, pid) for the error message.
 - `exit_with_launcher()`: a rank started by torchrun / the deepspeed launcher stops when that
   launcher dies (kill -9 of the launcher would otherwise leave the ranks training, in sessions of
   their own, and writing checkpoints beside a restarted run).
@@ -15,75 +11,13 @@
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
-
-from pipeline import distributed
-
-log = logging.getLogger("pipeline.runtime")
-
-LOCK = ".lock"
-
-
-class RunInProgress(RuntimeError):
-    pass
-
-
-class OutputLock:
-    def __init__(self, output_dir):
-        self.path = Path(output_dir) / LOCK
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            holder = self.path.read_text().strip() or "unknown"
-            os.close(fd)
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunInProgress(f"{self.path.parent} is in use by a live run ({holder}); stop it, or choose "
-                                    "another train.output_dir") from None
-            # e.g. a file system without flock (some Lustre mounts): warn, never block training
-            log.warning("cannot lock %s (%s): a second run on this directory would not be refused", self.path, err)
-            return
-        os.ftruncate(fd, 0)
-        os.write(fd, f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%F %T')}\n".encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock; the file stays (its content is informational)
-            self._fd = None
-
-
-@contextlib.contextmanager
-def hold_output_dir(output_dir, is_main: bool):
-    """Rank 0 locks `output_dir` for the body; every rank raises RunInProgress when the lock is held
-    elsewhere, before any model is built."""
-    lock, held = OutputLock(output_dir), None
-    if is_main:
-        try:
-            lock.acquire()
-        except RunInProgress as err:
-            held = err
-    if distributed.any_rank(held is not None):
-        raise held or RunInProgress(f"{output_dir} is in use by a live run (rank 0 says which)")
-    try:
-        yield
-    finally:
-        lock.release()
-
 
 _watching = False
 
@@ -181,4 +115,27 @@ def requeue(job_id: str, max_requeues: int) -> bool:
     print(f"job {job_id} could not be requeued ({(out.stderr or out.stdout).strip()}); submit it again to "
           "resume", flush=True)
     return False
+
+
+def run_entry_point(run, config: str, overrides: list[str], print_config: bool) -> dict | None:
+    """What pretrain.py and finetune.py do with their arguments: log on rank 0, load the config (or
+    print it and stop), `run(cfg)` on every rank, leave the process group, and exit EXIT_STOPPED when
+    a signal stopped the run (after requeueing a SLURM batch job)."""
+    import torch
+
+    from pipeline import distributed
+    from pipeline.config import config_yaml, load_config
+
+    logging.basicConfig(level=logging.INFO if distributed.detect().rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = load_config(config, overrides)
+    if print_config:
+        print(config_yaml(cfg), end="")
+        return None
+    summary = run(cfg)
+    if distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if summary["stopped_early"]:  # a signal: the step was saved
+        exit_stopped(summary, cfg.train.max_requeues)
+    return summary
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline import distributed, objectives as obj
+from pipeline import distributed
+from pipeline import objectives as obj
 
 _QUERIES = ("temperature", "itc_vision", "itc_text", "scl_vision_q", "scl_text_q")  # features with a gradient
 
@@ -54,11 +55,12 @@ class Cached:
         return self.scale * total, drift
 
 
-def rng_state(device: torch.device):
+def forward_rng(device: torch.device):
+    """The RNG state a forward draws dropout from (CPU, and the device's), to replay it exactly."""
     return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
 
-def set_rng_state(state, device: torch.device) -> None:
+def replay_rng(state, device: torch.device) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
@@ -104,7 +106,7 @@ def accumulate(forward, backward, batches: list[dict], loss_cfg) -> StepResult:
     states, features = [], []
     with torch.no_grad():
         for batch in batches:
-            states.append(rng_state(device))
+            states.append(forward_rng(device))
             features.append({k: v.detach() for k, v in forward(batch, features_only=True).items()})
     terms, total, grads = feature_gradients(features, loss_cfg)
     if distributed.any_rank(not torch.isfinite(total).item()):
@@ -112,7 +114,7 @@ def accumulate(forward, backward, batches: list[dict], loss_cfg) -> StepResult:
 
     scale, partial, reports = float(len(batches)), 0, []
     for batch, state, feats, g in zip(batches, states, features, grads):
-        set_rng_state(state, device)
+        replay_rng(state, device)
         out = forward(batch, cached=Cached(feats, g, scale))
         loss, own = out["loss"], {k: v.detach().float() for k, v in out.items() if k in obj.TERMS}
         if distributed.any_rank(not torch.isfinite(loss.detach()).all().item()):

@@ -19,7 +19,7 @@ import json
 import random
 from pathlib import Path
 
-from .synthetic import COLOURS, PLACES, SHAPES, _image_spec, render_image
+from .shapes import COLOURS, PLACES, SHAPES, _image_spec, render_image
 
 VQA_SPLITS = {"train": "train2014", "val": "val2014"}
 NLVR2_SPLITS = ("train", "dev", "test1")

@@ -14,7 +14,7 @@ previous one; resume ignores such tags and the next save removes them. A complet
 longer match `complete.json` (deleted, truncated) is damaged: `--resume auto` falls back to the newest
 intact tag, an explicit `--resume <dir>` is an error naming the file.
 
-    python -m pipeline.checkpoint <output_dir> --out model.safetensors  # consolidate for eval/fine-tuning
+    python -m pipeline.train.checkpoint <output_dir> --out model.safetensors  # consolidate for eval/fine-tuning
 
 Nothing loaded here runs code: the project's own files hold tensors and plain containers, read with
 `weights_only=True`; DeepSpeed's loaders (its checkpoint engine, zero_to_fp32, ds_to_universal and the
@@ -43,7 +43,7 @@ import torch
 
 from pipeline import distributed
 
-log = logging.getLogger("pipeline.checkpoint")
+log = logging.getLogger("pipeline.train.checkpoint")
 
 LATEST = "latest"
 COMPLETE = "complete.json"
@@ -537,7 +537,7 @@ def check_model_section(ckpt, cfg, allowed: tuple[str, ...] = ()) -> None:
     saved = yaml.safe_load(text) if text else None
     if not isinstance(saved, dict) or "model" not in saved:
         log.warning("%s: no config of its run found, so the model section cannot be checked "
-                    "(a .safetensors file from `python -m pipeline.checkpoint` carries it)", ckpt)
+                    "(a .safetensors file from `python -m pipeline.train.checkpoint` carries it)", ckpt)
         return
     diffs = [d for d in model_differences(saved["model"], to_dict(cfg)["model"]) if d.split(":")[0] not in allowed]
     if diffs:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline import distributed
+from pipeline.data.tokenizer import encode
 
 log = logging.getLogger(__name__)
 KS = (1, 5, 10)
@@ -92,11 +93,6 @@ def _gather_rows(local: dict[int, object]) -> dict[int, object]:
     return merged
 
 
-def _tokenize(tokenizer, captions, max_len):
-    enc = tokenizer(captions, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
-
-
 @torch.no_grad()
 def extract_features(model, items, captions, tokenizer, cfg, device):
     """items: list of pixels [T,3,H,W]; captions: flat list of str. Returns everything gathered on all ranks."""
@@ -108,7 +104,8 @@ def extract_features(model, items, captions, tokenizer, cfg, device):
         feat, _ = model.itc_features(tokens, None)
         for j, i in enumerate(chunk):
             vis[i] = (tokens[j].float().cpu(), F.normalize(feat[j].float(), dim=-1).cpu())
-    ids, mask = _tokenize(tokenizer, captions, cfg.model.text.max_len)
+    text = encode(tokenizer, captions, cfg.model.text.max_len)
+    ids, mask = text["text_ids"], text["attention_mask"]
     for chunk in _padded_chunks(len(captions), bs):
         tokens = model.encode_text(ids[chunk].to(device), mask[chunk].to(device))
         _, feat = model.itc_features(None, tokens)

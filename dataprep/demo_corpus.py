@@ -1,6 +1,6 @@
 """The embedded default in one call: generate, serve on loopback, download, shard and validate.
 
-    from dataprep.pipeline_demo import build_demo_corpus
+    from dataprep.demo_corpus import build_demo_corpus
     paths = build_demo_corpus("demo_out/data", n_images=2000, n_videos=200, seed=0)
     paths["images_train"]  # a shard folder: 00000.tar ..., sizes.json, report.json
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from .common import DataprepError
 from .config import load_config
 from .stages import run_splits, synthetic_source
-from .synthetic import vocabulary
+from .shapes import vocabulary
 
 
 def build_demo_corpus(out_dir: str | Path, n_images: int = 2000, n_videos: int = 200, seed: int = 0,

@@ -1,14 +1,14 @@
 """Synthetic batches (random pixels and token ids, real masks) for benchmarks, smoke runs and tests."""
 import torch
 
-from pipeline import masking
+from pipeline.data import masking
 
 SPECIAL_IDS = (0, 1, 2, 3, 4)  # <s> <pad> </s> <unk> <mask>
 MASK_ID = 4
 
 
 def synthetic_batch(cfg, batch_size=8, frames=1, text_len=16, seed=0, size=None):
-    """A batch with the keys the model reads, masks drawn by pipeline.masking from `seed`."""
+    """A batch with the keys the model reads, masks drawn by pipeline.data.masking from `seed`."""
     g = torch.Generator().manual_seed(seed)
     size = size or cfg.model.vision.image_size
     vocab = cfg.model.text.vocab_size
@@ -95,9 +95,9 @@ def train_concepts(cfg, steps: int, batch_size: int = 32, seed: int = 0, task_se
     schedule, clipping rule and accumulation (`train.grad_accum` micro-batches of `batch_size`,
     with `train.contrastive_accum`), in one process (no DeepSpeed). Returns (model, task, history),
     history a list of per-step {loss name: value}. `init`: a state dict to start from (a fresh optimizer)."""
-    from pipeline import engine, gradcache
     from pipeline.config import accumulation
     from pipeline.model import build_model
+    from pipeline.train import engine, gradcache
 
     tc, accum = cfg.train, accumulation(cfg, 1)
     torch.manual_seed(seed)
@@ -145,7 +145,7 @@ def evaluate_concepts(model, task: ConceptTask, n: int = 128, seed: int = 10_000
     Returns mean R@1/5/10 (percent, both ways) by ITC and by ITC + ITM on the ITC top k, their
     chance level, and ITM accuracy on the positives and on random negatives.
     """
-    from pipeline import retrieval
+    from pipeline import zeroshot
 
     was = model.training
     model.eval()
@@ -163,14 +163,14 @@ def evaluate_concepts(model, task: ConceptTask, n: int = 128, seed: int = 10_000
         logits = model.itm_logits(model.fuse(t[ti], b["attention_mask"][ti], v[vi]))
         return logits[:, 1] - logits[:, 0]
 
-    i2t = retrieval.rerank(sim, k, lambda r, cols: sim[r, cols] / temp + itm_logodds(cols, torch.full_like(cols, r)))
-    t2i = retrieval.rerank(sim.t(), k, lambda r, cols: sim[cols, r] / temp + itm_logodds(torch.full_like(cols, r), cols))
+    i2t = zeroshot.rerank(sim, k, lambda r, cols: sim[r, cols] / temp + itm_logodds(cols, torch.full_like(cols, r)))
+    t2i = zeroshot.rerank(sim.t(), k, lambda r, cols: sim[cols, r] / temp + itm_logodds(torch.full_like(cols, r), cols))
     ids = torch.arange(len(attrs))
     perm = torch.roll(ids, 1)
     pos, neg = itm_logodds(ids, ids), itm_logodds(ids, perm)
-    out = {"itc_r_mean": retrieval.recall_at_k(sim, sim.t(), ids)["r_mean"],
-           "itc_itm_r_mean": retrieval.recall_at_k(i2t, t2i, ids)["r_mean"],
-           "chance_r_mean": retrieval.chance_recall(ids, len(ids))["r_mean"],
+    out = {"itc_r_mean": zeroshot.recall_at_k(sim, sim.t(), ids)["r_mean"],
+           "itc_itm_r_mean": zeroshot.recall_at_k(i2t, t2i, ids)["r_mean"],
+           "chance_r_mean": zeroshot.chance_recall(ids, len(ids))["r_mean"],
            "itm_acc_pos": (pos > 0).float().mean().item(), "itm_acc_neg": (neg < 0).float().mean().item()}
     model.train(was)
     return out

@@ -13,14 +13,14 @@ import math
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
-from pipeline import distributed, gradcache
+from pipeline import distributed
 from pipeline.config import Config, ConfigError, accumulation
-from pipeline.gradcache import StepResult
+from pipeline.train import gradcache
+from pipeline.train.gradcache import StepResult
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 # Parameters that are embeddings (no weight decay) though they are not nn.Embedding weights.
 _EMBEDDING_NAMES = ("pos_embed", "cls_token", "temporal_embed", "mask_token")
@@ -183,8 +183,7 @@ def initialize(model: nn.Module, cfg: Config, ds_config: dict | None = None):
 
     t = cfg.train
     if t.activation_checkpointing:
-        model.vision.grad_checkpointing = True
-        model.text.set_grad_checkpointing()
+        model.set_grad_checkpointing()
     ds_config = ds_config or ds_config_for(cfg, distributed.world_size())
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t))  # noqa: E731
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, t),
@@ -220,27 +219,6 @@ def to_device(batch: dict, device, dtype: torch.dtype) -> dict:
                 if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-class NonFiniteGuard:
-    """Counts dropped micro-batches. The ranks agree on every drop (see `train_micro_step`), so
-    their counts, and the decision to stop, are the same everywhere."""
-
-    def __init__(self, limit: int, total: int = 0):
-        self.limit, self.total, self.in_a_row = limit, total, 0
-
-    def passed(self) -> None:
-        self.in_a_row = 0
-
-    def dropped(self) -> bool:
-        """Count one; True once `limit` came in a row."""
-        self.in_a_row += 1
-        self.total += 1
-        return self.in_a_row >= self.limit
-
-
 def train_micro_step(engine, batch: dict) -> StepResult:
     """forward -> (all ranks agree the loss is finite) -> backward -> step.
 
@@ -259,7 +237,7 @@ def train_micro_step(engine, batch: dict) -> StepResult:
 
 def train_group_step(engine, batches: list[dict], loss_cfg) -> StepResult:
     """All `grad_accum` micro-batches of one optimizer step with contrastive accumulation
-    (pipeline/gradcache.py): ITC and SCL see every micro-batch of every rank as negatives."""
+    (pipeline/train/gradcache.py): ITC and SCL see every micro-batch of every rank as negatives."""
     def backward(loss):
         engine.backward(loss)
         engine.step()

@@ -48,19 +48,21 @@ def require_local_or_hub(name: str, what: str, cache_file: str = "config.json") 
                           f"cache) and no hub access; point it at a local copy")
 
 
-def check_pretraining_inputs(cfg: Config) -> None:
-    """Everything `pipeline/pretrain.py` reads from the config, before the process group exists."""
+def check_pretraining_inputs(cfg: Config):
+    """Everything `pipeline/pretrain.py` reads from the config, before the process group exists.
+    Returns (tokenizer, sources): loaded and resolved here, once, for the training loader."""
     from pipeline.data import load_tokenizer
-    from pipeline.data.shards import resolve_source
+    from pipeline.data.loader import resolve_sources
     from pipeline.data.tokenizer import check_tokenizer
 
     check_model_inputs(cfg)
     require_local_or_hub(cfg.data.tokenizer, "data.tokenizer", "tokenizer_config.json")
-    check_tokenizer(load_tokenizer(cfg.data.tokenizer), cfg.model.text)
-    for i, s in enumerate(cfg.data.sources):
-        resolve_source(s.name or f"source{i}", s.modality, s.weight, s.shards, s.num_samples)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    check_tokenizer(tokenizer, cfg.model.text)
+    sources = resolve_sources(cfg)
     if cfg.eval.data and cfg.train.eval_every > 0:
         check_eval_set(cfg.eval.data, "eval.data")
+    return tokenizer, sources
 
 
 def check_model_inputs(cfg: Config) -> None:
