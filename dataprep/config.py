@@ -58,7 +58,7 @@ class CorpusConfig:
     max_duration: float = 10.0
     max_source_duration: float | None = None
     # cheap reading (dataprep/README.md, "Shard format"): a keyframe every N frames, no B-frames
-    # (null: x264's own GOP, as before), and K JPEG frames stored beside each clip (0: none)
+    # (null: x264's own GOP), and K JPEG frames stored beside each clip (0: none)
     video_keyframe_interval: int | None = 4
     video_frames: int = 8
     video_frame_quality: int = 90

@@ -5,11 +5,11 @@ each segment, evaluation the middle one. A video with fewer than T frames repeat
 
 A sample holds a clip (`mp4`, ...) and/or K stored frames (`frame00.jpg` ... `frame<K-1>.jpg`,
 written by dataprep). Stored frames are preferred: they are read as a K-frame video, so only T
-small JPEGs are decoded and no container is opened (~2 ms alone per clip).
+small JPEGs are decoded and no container is opened (bench/RESULTS.md, "Video loading").
 
-Clips: decoding a whole clip costs ~3 ms per frame here, so a 35 s clip would take seconds. Instead
-a demux pass (no decoding) lists the frames' timestamps and keyframes; each wanted frame is reached
-by seeking to the keyframe before it, unless decoding on from the current position is shorter.
+Clips: decoding a whole clip frame by frame would take seconds for a long one. Instead a demux pass
+(no decoding) lists the frames' timestamps and keyframes; each wanted frame is reached by seeking to
+the keyframe before it, unless decoding on from the current position is shorter.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def _timestamps(container, stream):
 
 
 def _rgb(frame) -> Image.Image:
-    # One thread: swscale's default sets up a thread pool per call, ~3x the cost of converting a frame.
+    # One thread: swscale's default sets up a thread pool per call, which costs more than the conversion.
     return frame.to_image(threads=1)
 
 

@@ -30,8 +30,8 @@ def init_fusion_weights(module: nn.Module, width: int, std: float = 0.0) -> None
     The reference (METER/BERT) uses std 0.02, i.e. 1/sqrt(2500): at width 768 that keeps each
     attention and FFN branch a fraction of its post-norm residual, but at small widths it makes the
     branches ~1e-3 of the residual, so the cross-modal path starts dead and ITM sits at its prior
-    (bench/RESULTS.md, SCL ablation: ITM tail 0.62 at std 0.02 vs 0.30 at 1/sqrt(64), tiny, 450
-    steps). 1/sqrt(width) keeps every branch at the residual's scale at any width (0.036 at 768).
+    (bench/RESULTS.md, "SCL ablation"). 1/sqrt(width) keeps every branch at the residual's scale at
+    any width (0.036 at 768).
     """
     std = std or width ** -0.5
     for m in module.modules():

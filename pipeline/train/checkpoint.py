@@ -261,8 +261,8 @@ def prune(root: Path, keep_last: int, protect: tuple[str, ...] = ()) -> None:
 def verify(tag_dir: Path) -> list[str]:
     """Problems of a complete tag against the file list in its complete.json ([] = intact).
 
-    Read-only (every rank may call it at once). A complete.json without a file list (written before
-    the list existed) cannot be checked and counts as intact.
+    Read-only (every rank may call it at once). A complete.json without a file list cannot be checked
+    and counts as intact.
     """
     tag_dir = Path(tag_dir)
     try:
@@ -272,7 +272,7 @@ def verify(tag_dir: Path) -> list[str]:
     except (OSError, ValueError, AttributeError) as err:
         return [f"{tag_dir / COMPLETE} unreadable: {err}"]
     if files is None:
-        log.debug("%s has no file list (written by an older version): not verified", tag_dir / COMPLETE)
+        log.debug("%s has no file list: not verified", tag_dir / COMPLETE)
         return []
     return [p for p in (_file_problem(tag_dir / name, size) for name, size in sorted(files.items())) if p]
 
