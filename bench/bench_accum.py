@@ -50,11 +50,11 @@ def speed(args) -> None:
     from pipeline import distributed
     from pipeline.train import engine as engine_lib
     from pipeline.model import build_model
-    from pipeline.concepts import synthetic_batch
+    from pipeline.concepts import RANDOM_BASE, synthetic_batch
 
     env = engine_lib.init_distributed()
     a, b, world = args.accum, args.batch_size, env.world_size
-    overrides = (MID if args.size == "mid" else []) + [
+    overrides = (MID if args.size == "mid" else []) + [*RANDOM_BASE,
         "train.zero_stage=2", "train.precision=bf16", f"data.batch_size={b}", f"train.grad_accum={a}",
         "train.warmup_steps=0", f"train.steps={args.steps + 1}"]
     cfgs = {v: load_config(args.config, overrides + [f"train.contrastive_accum={v == 'cached'}"])

@@ -42,6 +42,7 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from dataprep.videos import VideoOptions, transcode  # noqa: E402
+from pipeline.concepts import RANDOM_BASE  # noqa: E402
 from pipeline.config import SourceConfig, load_config  # noqa: E402
 from pipeline.data import build_train_loader, train_tokenizer  # noqa: E402
 from pipeline.data.video import stored_frames  # noqa: E402
@@ -160,7 +161,8 @@ def rates(root: Path, name: str, n: int, size: int, tok) -> tuple[float, float, 
     """On the shards in root/name, one run each: loader and plain samples/s (wall clock, 1 worker), and
     the loader's samples per CPU second in this process (its cost, whatever the load from elsewhere)."""
     modality = "image" if name == "image" else "video"
-    cfg = load_config("base", ["data.workers=1", f"data.batch_size={BATCH}", f"data.num_frames={FRAMES}",
+    cfg = load_config("base", [*RANDOM_BASE, "data.workers=1", f"data.batch_size={BATCH}",
+                               f"data.num_frames={FRAMES}",
                                f"data.image_size={size}", f"data.video_size={size}", "data.sharding=split"])
     cfg.data.sources = [SourceConfig(name=name, shards=str(root / name), modality=modality)]
     plain_kind = "frames" if name.startswith("frames") else modality

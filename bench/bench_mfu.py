@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from pipeline.train import engine as engine_lib  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
-from pipeline.concepts import synthetic_batch  # noqa: E402
+from pipeline.concepts import RANDOM_BASE, synthetic_batch  # noqa: E402
 
 
 def _sync():
@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
 
     env = engine_lib.init_distributed()
     cfg = load_config("tiny" if args.tiny else "base",
-                      ["train.precision=bf16", "train.zero_stage=2", f"data.batch_size={args.batch_size}",
+                      [*RANDOM_BASE, "train.precision=bf16", "train.zero_stage=2", f"data.batch_size={args.batch_size}",
                        f"train.steps={args.warmup + args.steps}", "train.warmup_steps=10", *args.overrides])
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     size = cfg.data.video_size if args.frames > 1 else cfg.data.image_size

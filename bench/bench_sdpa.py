@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
-from pipeline.concepts import synthetic_batch  # noqa: E402
+from pipeline.concepts import RANDOM_BASE, synthetic_batch  # noqa: E402
 
 KERNELS = {"flash": "_scaled_dot_product_flash_attention", "efficient": "_scaled_dot_product_efficient_attention",
            "cudnn": "_scaled_dot_product_cudnn_attention", "math": "_scaled_dot_product_attention_math"}
@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
     p.add_argument("--frames", type=int, default=1)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    cfg = load_config("tiny" if args.tiny else "base", args.overrides)
+    cfg = load_config("tiny" if args.tiny else "base", [*RANDOM_BASE, *args.overrides])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(cfg).to(device=device, dtype=torch.bfloat16).train()
     batch = {k: (v.to(device, dtype=torch.bfloat16 if v.is_floating_point() else None) if torch.is_tensor(v) else v)

@@ -4,6 +4,9 @@ import torch
 from pipeline.data import masking
 
 SPECIAL_IDS = (0, 1, 2, 3, 4)  # <s> <pad> </s> <unk> <mask>
+# base's geometry from random weights, one optimizer step per micro-batch: benchmarks of speed and
+# memory need neither the hub's weights nor the paper's accumulation
+RANDOM_BASE = ("model.vision.pretrained=none", "model.text.pretrained=none", "train.global_batch=0")
 MASK_ID = 4
 
 
