@@ -3,6 +3,7 @@
     python -m dataprep list
     python -m dataprep annotations cc3m --input Train_GCC-training.tsv --data-root /data
     python -m dataprep download cc3m --data-root /data --processes 8 --threads 64
+    python -m dataprep download cc12m --data-root /data --distributor spark --spark-master spark://node1:7077
     python -m dataprep validate cc3m --data-root /data          (or: validate --output-dir DIR)
     python -m dataprep run synthetic_images --data-root demo_out   (every stage, serving if synthetic)
     python -m dataprep synthetic --root demo_out/synthetic --base-url http://127.0.0.1:8000
@@ -27,6 +28,8 @@ _OVERRIDES = [
     ("--eval-output-dir", "eval_output_dir", str),
     ("--format", "format", str),
     ("--shard-size", "shard_size", int),
+    ("--distributor", "distributor", str),
+    ("--spark-master", "spark_master", str),
     ("--processes", "processes", int),
     ("--threads", "threads", int),
     ("--retries", "retries", int),

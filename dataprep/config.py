@@ -32,6 +32,9 @@ class CorpusConfig:
     eval_output_dir: str | None = None
     eval_reader: dict = field(default_factory=dict)  # reader options that differ for the eval split
     shard_size: int = 10000
+    # who runs the shards: this machine's processes, or a Spark standalone cluster (dataprep/spark.py)
+    distributor: str = "multiprocessing"  # multiprocessing | spark
+    spark_master: str | None = None  # spark://HOST:PORT, with distributor: spark
     processes: int = 1
     threads: int = 32
     retries: int = 2
@@ -129,6 +132,11 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> C
     cfg = CorpusConfig(**data).resolved()
     if cfg.table_changed not in ("error", "fresh"):
         raise DataprepError(f"table_changed must be error or fresh, not {cfg.table_changed!r}")
+    if cfg.distributor not in ("multiprocessing", "spark"):
+        raise DataprepError(f"distributor must be multiprocessing or spark, not {cfg.distributor!r}")
+    if cfg.distributor == "spark" and not cfg.spark_master:
+        raise DataprepError("--distributor spark needs --spark-master spark://HOST:PORT (a standalone master; "
+                            "slurm/submit.py --dataprep starts one inside a SLURM allocation)")
     if cfg.modality not in ("image", "video"):
         raise DataprepError(f"modality must be image or video, not {cfg.modality!r}")
     return cfg

@@ -83,10 +83,12 @@ def clear_index(output_dir: str) -> None:
 
 
 def img2dataset_download(input_parquet: str, output_dir: str, opts: ImageOptions, extra_columns: list[str],
-                         shard_size: int, processes: int, threads: int) -> None:
+                         shard_size: int, processes: int, threads: int,
+                         distributor: str = "multiprocessing") -> None:
     """One img2dataset call: webdataset output, incremental, our resize and retry settings.
 
-    Always incremental: its "overwrite" mode deletes the whole output folder, our _prep/ included;
+    `distributor="pyspark"` runs its shards on the active SparkSession (dataprep/spark.py). Always
+    incremental: its "overwrite" mode deletes the whole output folder, our _prep/ included;
     a fresh start removes the shard files instead (`shards.remove_shards`).
     """
     import img2dataset
@@ -114,6 +116,7 @@ def img2dataset_download(input_parquet: str, output_dir: str, opts: ImageOptions
             encode_quality=opts.encode_quality,
             encode_format="jpg",
             processes_count=processes,
+            distributor=distributor,
             thread_count=threads,
             number_sample_per_shard=shard_size,
             timeout=opts.timeout,

@@ -105,19 +105,41 @@ def download(cfg: CorpusConfig) -> dict:
     _say("download", cfg, f"{len(df)} rows in {n_shards} shards, {len(todo)} to do")
     if todo:
         clear_index(cfg.output_dir)
-        if cfg.modality == "image" and "url" in df.columns:
-            _img2dataset(cfg, df, root)
-        else:
-            processor = (VideoProcessor(_video_options(cfg)) if cfg.modality == "video"
-                         else LocalImageProcessor(_image_options(cfg)))
-            jobs = plan_jobs(records(df), cfg.output_dir, cfg.shard_size, cfg.threads)
-            run_jobs(jobs, processor, cfg.processes, desc=f"{cfg.name} {cfg.modality}s")
+        with distributed(cfg) as spark_session:
+            _write_shards(cfg, df, root, spark_session)
     summary = summarise(cfg.output_dir)
     reasons = ", ".join(f"{k}: {v}" for k, v in summary["failed_by_reason"].items()) or "none"
     _say("download", cfg, f"{summary['shards']} shards; attempted {summary['attempted']}, "
                           f"succeeded {summary['succeeded']}, failed {summary['failed']} ({reasons}); "
                           f"{summary['duration_s']:.1f}s of work")
     return summary
+
+
+@contextlib.contextmanager
+def distributed(cfg: CorpusConfig):
+    """The SparkSession the shards are written on (distributor: spark), else None."""
+    if cfg.distributor != "spark":
+        yield None
+        return
+    from . import spark
+
+    with spark.session(cfg.spark_master, f"dataprep {cfg.name}") as session:
+        yield session
+
+
+def _write_shards(cfg: CorpusConfig, df: pd.DataFrame, root: str, spark_session) -> None:
+    if cfg.modality == "image" and "url" in df.columns:
+        _img2dataset(cfg, df, root, "pyspark" if spark_session else "multiprocessing")
+        return
+    processor = (VideoProcessor(_video_options(cfg)) if cfg.modality == "video"
+                 else LocalImageProcessor(_image_options(cfg)))
+    jobs = plan_jobs(records(df), cfg.output_dir, cfg.shard_size, cfg.threads)
+    if spark_session is not None:
+        from . import spark
+
+        spark.run_jobs(spark_session, jobs, processor)
+    else:
+        run_jobs(jobs, processor, cfg.processes, desc=f"{cfg.name} {cfg.modality}s")
 
 
 def table_fingerprint(df: pd.DataFrame) -> str:
@@ -147,7 +169,7 @@ def _check_table(cfg: CorpusConfig, df: pd.DataFrame) -> None:
     write_json(fs, record, {"table": fingerprint, "rows": int(len(df))})
 
 
-def _img2dataset(cfg: CorpusConfig, df: pd.DataFrame, root: str) -> None:
+def _img2dataset(cfg: CorpusConfig, df: pd.DataFrame, root: str, distributor: str) -> None:
     # img2dataset reserves the column name "key" for its own sample keys.
     table = df.rename(columns={"key": "source_key"})
     extra = [c for c in table.columns if c not in ("url", "caption")]
@@ -156,7 +178,7 @@ def _img2dataset(cfg: CorpusConfig, df: pd.DataFrame, root: str) -> None:
     with fs.open(path, "wb") as f:
         table.to_parquet(f, index=False)
     img2dataset_download(path, cfg.output_dir, _image_options(cfg), extra, cfg.shard_size, cfg.processes,
-                         cfg.threads)
+                         cfg.threads, distributor)
 
 
 def summarise(output_dir: str) -> dict:
@@ -237,5 +259,5 @@ def run_splits(cfg: CorpusConfig, decode: bool = True) -> dict:
 
 def run(cfg: CorpusConfig, decode: bool = True) -> dict:
     """Every stage; a synthetic corpus is generated and served on loopback meanwhile."""
-    with synthetic_source(cfg):
+    with synthetic_source(cfg), distributed(cfg):
         return run_splits(cfg, decode)

@@ -5,6 +5,8 @@
     python slurm/submit.py --nodes 8 --dry-run                # print the sbatch script, submit nothing
     python slurm/submit.py --config tiny --nodes 2 --gpus-per-node 0 train.steps=100   # CPU nodes
     python slurm/submit.py --cluster local --nodes 1 --gpus-per-node 2                 # this machine
+    python slurm/submit.py --dataprep cc12m --data-root /data --nodes 8 --cpus-per-task 32 threads=64
+                                                  # dataprep on a Spark cluster inside the job (slurm/spark_job.py)
 
 One task per GPU. Each task takes its rank, local rank, world size and master (the first node) from
 Submitit's JobEnvironment, exports them and calls `pipeline.pretrain.train` (with --task:
@@ -134,6 +136,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="local: Submitit's local executor, nodes x tasks-per-node tasks on this machine; "
                         "debug: one task in this process")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    p.add_argument("--dataprep", metavar="CORPUS", help="instead of training, prepare this corpus (a dataprep "
+                   "config or YAML) on a Spark cluster started inside the job: one task per node, "
+                   "--cpus-per-task cores each (default 8); overrides are dataprep settings, e.g. threads=64")
+    p.add_argument("--data-root", help="with --dataprep: the corpus's data_root (a shared filesystem)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=1000")
     return p.parse_intermixed_args(argv)
 
@@ -161,11 +167,10 @@ def resolve_config(args):
     return job_dir, load_config(base, overrides + [f"train.output_dir={job_dir}", "train.resume=auto"])
 
 
-def slurm_parameters(args, cfg) -> dict:
+def slurm_parameters(args, tasks: int, cpus: int) -> dict:
     """SlurmExecutor parameters (the keyword arguments of Submitit's sbatch template)."""
-    params = dict(job_name=args.job_name, nodes=args.nodes, ntasks_per_node=tasks_per_node(args),
-                  cpus_per_task=args.cpus_per_task or cfg.data.workers + 1, time=args.time,
-                  signal_delay_s=args.signal_delay, setup=python_path_setup())
+    params = dict(job_name=args.job_name, nodes=args.nodes, ntasks_per_node=tasks, cpus_per_task=cpus,
+                  time=args.time, signal_delay_s=args.signal_delay, setup=python_path_setup())
     if args.gpus_per_node:
         params["gpus_per_node"] = args.gpus_per_node
     if args.mem_gb:
@@ -185,15 +190,19 @@ def python_path_setup() -> list[str]:
     return [f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}"]
 
 
-def make_executor(args, cfg, folder: Path):
+def train_parameters(args, cfg) -> dict:
+    return slurm_parameters(args, tasks_per_node(args), args.cpus_per_task or cfg.data.workers + 1)
+
+
+def make_executor(args, params: dict, folder: Path):
     if args.cluster == "slurm":
         executor = submitit.SlurmExecutor(folder, max_num_timeout=args.max_requeues)
-        executor.update_parameters(**slurm_parameters(args, cfg))
+        executor.update_parameters(**params)
     elif args.cluster == "local":
         # The tasks inherit this environment (a `setup` would put a shell between job id and controller).
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         executor = submitit.LocalExecutor(folder, max_num_timeout=args.max_requeues)
-        executor.update_parameters(tasks_per_node=args.nodes * tasks_per_node(args),
+        executor.update_parameters(tasks_per_node=args.nodes * params["ntasks_per_node"],
                                    gpus_per_node=args.nodes * args.gpus_per_node, timeout_min=args.time,
                                    signal_delay_s=args.signal_delay)
     else:
@@ -201,23 +210,29 @@ def make_executor(args, cfg, folder: Path):
     return executor
 
 
+def print_sbatch(args, params: dict, folder: Path) -> None:
+    if args.cluster != "slurm":
+        raise SystemExit("--dry-run prints the sbatch script of --cluster slurm")
+    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    print(_make_sbatch_string(command=command, folder=folder, **params))
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.dataprep:
+        return submit_dataprep(args)
     job_dir, cfg = resolve_config(args)
     folder = job_dir / "submitit"
     world = args.nodes * tasks_per_node(args) if args.cluster != "debug" else 1
     batch = batch_line(cfg, world)  # a global batch the world size does not divide fails here, before the queue
     if args.dry_run:
-        if args.cluster != "slurm":
-            raise SystemExit("--dry-run prints the sbatch script of --cluster slurm")
-        command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
         print(batch)
-        print(_make_sbatch_string(command=command, folder=folder, **slurm_parameters(args, cfg)))
+        print_sbatch(args, train_parameters(args, cfg), folder)
         return None
 
     job_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, job_dir / "config.yaml")
-    job = make_executor(args, cfg, folder).submit(PretrainJob(str(job_dir / "config.yaml"), args.max_requeues))
+    job = make_executor(args, train_parameters(args, cfg), folder).submit(PretrainJob(str(job_dir / "config.yaml"), args.max_requeues))
     if args.cluster == "debug":
         print(job.result())
         return job
@@ -232,6 +247,54 @@ def main(argv=None):
           f"cancel:      {cancel}\n"
           f"resume:      the job requeues itself; to continue after it ends, submit again with "
           f"--output-dir {job_dir}", flush=True)
+    return job
+
+
+def submit_dataprep(args):
+    """One task per node: Spark master, workers and driver inside the allocation (slurm/spark_job.py)."""
+    from dataprep.config import load_config as load_corpus
+    from dataprep.config import parse_value
+
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--dataprep settings take KEY=VALUE, not {item!r}")
+        overrides[key.strip()] = parse_value(value)
+    if args.data_root:
+        overrides["data_root"] = str(Path(args.data_root).resolve())
+    # checked here, before the queue: the master's URL is only known inside the job
+    cfg = load_corpus(args.dataprep, {**overrides, "distributor": "spark", "spark_master": "spark://unknown:0"})
+    job_dir = Path(args.output_dir or Path(cfg.data_root) / "jobs" / f"dataprep_{cfg.name}").resolve()
+    folder = job_dir / "submitit"
+    if args.job_name == "scl-pretrain":
+        args.job_name = f"dataprep-{cfg.name}"
+    args.gpus_per_node = 0
+    params = slurm_parameters(args, 1, args.cpus_per_task or 8)
+    if args.dry_run:
+        print(f"dataprep {cfg.name} on Spark: {args.nodes} node(s) x {params['cpus_per_task']} cores -> "
+              f"{cfg.output_dir}")
+        return print_sbatch(args, params, folder)
+    if args.cluster == "debug":
+        raise SystemExit("--dataprep runs on --cluster slurm or local")
+    from slurm.spark_job import DataprepJob
+
+    memory = f"{max(1, args.mem_gb - 4)}g" if args.mem_gb else None  # leave the node's Python workers room
+    job = make_executor(args, params, folder).submit(
+        DataprepJob(str(Path(args.dataprep).resolve()) if Path(args.dataprep).is_file() else args.dataprep,
+                    overrides, str(job_dir), args.max_requeues, memory))
+    cancel = f"scancel {job.job_id}" if args.cluster == "slurm" else f"kill -INT {job.job_id}"
+    print(f"submitted job {job.job_id} (dataprep {cfg.name} on Spark: {args.nodes} node(s), "
+          f"{params['cpus_per_task']} cores each)\n"
+          f"shards:      {cfg.output_dir}\n"
+          f"job dir:     {job_dir}\n"
+          f"logs:        {folder}/{job.job_id}_<task>_log.out/.err (task 0 runs the driver)\n"
+          f"spark:       master URL and web UI in {job_dir / 'spark' / 'master.json'} and task 0's log once "
+          f"it runs;\n             daemon logs {job_dir / 'spark' / 'logs'}, executor logs "
+          f"{job_dir / 'spark' / 'work'}/*/app-*/*/stderr\n"
+          f"cancel:      {cancel}\n"
+          f"resume:      the job requeues itself; after it ends, the same command writes only missing shards",
+          flush=True)
     return job
 
 
