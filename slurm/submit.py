@@ -252,6 +252,7 @@ def main(argv=None):
 
 def submit_dataprep(args):
     """One task per node: Spark master, workers and driver inside the allocation (slurm/spark_job.py)."""
+    from dataprep.common import DataprepError
     from dataprep.config import load_config as load_corpus
     from dataprep.config import parse_value
 
@@ -264,7 +265,10 @@ def submit_dataprep(args):
     if args.data_root:
         overrides["data_root"] = str(Path(args.data_root).resolve())
     # checked here, before the queue: the master's URL is only known inside the job
-    cfg = load_corpus(args.dataprep, {**overrides, "distributor": "spark", "spark_master": "spark://unknown:0"})
+    try:
+        cfg = load_corpus(args.dataprep, {**overrides, "distributor": "spark", "spark_master": "spark://unknown:0"})
+    except DataprepError as err:
+        raise SystemExit(f"--dataprep {args.dataprep}: {err}") from None
     job_dir = Path(args.output_dir or Path(cfg.data_root) / "jobs" / f"dataprep_{cfg.name}").resolve()
     folder = job_dir / "submitit"
     if args.job_name == "scl-pretrain":

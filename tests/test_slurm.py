@@ -11,6 +11,7 @@ checkpoints and TensorBoard events.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -271,6 +272,32 @@ srun {sys.executable} pipeline/pretrain.py --config {config} train.zero_stage=2 
         assert resumed[step] == job[step], step
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_dataprep_job_runs_a_spark_cluster_inside_the_allocation(slurm_env, tmp_path):
+    """`submit.py --dataprep` on 2 nodes: a Spark master and a worker per node start inside the job, both
+    workers run tasks, the corpus is written and validated, and every daemon is gone afterwards."""
+    pytest.importorskip("pyspark", reason="the spark extra is not installed (pip install -e '.[spark]')")
+    job_id = _submit(slurm_env, tmp_path / "submit.txt", "--dataprep", "synthetic_images", "--data-root",
+                     tmp_path, "--nodes", 2, "--cpus-per-task", 1, "--time", "10", "synthetic.n_images=120",
+                     "synthetic.n_videos=8", "synthetic.n_eval_images=8", "synthetic.n_eval_videos=4",
+                     "shard_size=20", "threads=4")
+    job_dir = tmp_path / "jobs" / "dataprep_synthetic_images"
+    _wait_slurm_job(slurm_env, job_dir, job_id)
+    outcomes = [_result(job_dir, job_id, rank) for rank in (0, 1)]
+    assert [o[0] for o in outcomes] == ["success", "success"], outcomes
+    assert outcomes[0][1]["ok"] and outcomes[0][1]["samples"] == {"train": 120, "eval": 8}
+
+    daemons = [json.loads(line) for line in (job_dir / "spark" / "daemons.json").read_text().splitlines()]
+    assert sorted((d["kind"], d["host"]) for d in daemons) == [("master", "n1"), ("worker", "n1"), ("worker", "n2")]
+    assert all(not Path(f"/proc/{d['pid']}").exists() for d in daemons)
+    for work in ("task0-n1", "task1-n2"):
+        logs = list((job_dir / "spark" / "work" / work).glob("app-*/*/stderr"))
+        assert any("Finished task" in p.read_text() for p in logs), f"no task finished on {work}"
+    assert json.loads((tmp_path / "shards" / "synthetic_images" / "report.json").read_text())["ok"]
+    assert re.search(r"Spark master spark://n1:\d+, web UI http://n1:\d+", _text(_log(job_dir, job_id)))
+
+
 def test_dry_run_prints_the_sbatch_script_and_submits_nothing(tmp_path):
     out = subprocess.run([*SUBMIT, "--nodes", "8", "--gpus-per-node", "8", "--time", "72:00:00", "--partition",
                           "gpu", "--account", "proj", "--qos", "high", "--constraint", "h100", "--dry-run"],
@@ -288,6 +315,22 @@ def test_dry_run_prints_the_sbatch_script_and_submits_nothing(tmp_path):
         assert line in script, line
     assert re.search(rf"^srun .* -m submitit\.core\._submit {job_dir}/submitit$", script, re.M)
     assert not (tmp_path / "outputs").exists()
+
+
+def test_dataprep_dry_run_prints_one_task_per_node_and_checks_the_corpus_first(tmp_path):
+    args = [*SUBMIT, "--dataprep", "cc12m", "--data-root", tmp_path, "--nodes", "8", "--cpus-per-task", "32",
+            "--dry-run", "threads=64"]
+    out = subprocess.run(list(map(str, args)), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == f"dataprep cc12m on Spark: 8 node(s) x 32 cores -> {tmp_path}/shards/cc12m"
+    for line in ("#SBATCH --nodes=8", "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=32",
+                 "#SBATCH --job-name=dataprep-cc12m", f"#SBATCH --output={tmp_path}/jobs/dataprep_cc12m/submitit/"
+                 "%j_0_log.out"):
+        assert line in out.stdout, line
+    assert "--gpus-per-node" not in out.stdout
+    bad = subprocess.run(list(map(str, [*args[:-1], "thread=64"])), capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "unknown setting 'thread'" in bad.stderr
+    assert not (tmp_path / "jobs").exists()
 
 
 def test_time_limits_in_slurm_formats():
