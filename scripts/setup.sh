@@ -12,5 +12,5 @@ if [ -f "$stamp" ] && "$PY" -c "import pipeline, deepspeed, timm, webdataset, im
 fi
 echo "[setup] installing torch, torchvision and the project (pip)"
 "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
-"$PY" -m pip install -q -e '.[test]'
+"$PY" -m pip install -q -e '.[test,spark]'
 mkdir -p "$stamp_dir" && touch "$stamp"
