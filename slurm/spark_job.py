@@ -15,7 +15,6 @@ mode writes only the missing shards. Everything stays in the job directory:
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import socket
@@ -24,9 +23,14 @@ from pathlib import Path
 
 import submitit
 
+from slurm.submit import RequeueingJob
 
-class DataprepJob(submitit.helpers.Checkpointable):
-    """One task (one node) of a Spark dataprep job; `checkpoint` requeues it (the stages resume)."""
+
+class DataprepJob(RequeueingJob):
+    """One task (one node) of a Spark dataprep job; a requeue starts the cluster again and the stages
+    write only the missing shards."""
+
+    resume_hint = "submit the same command again to write the missing shards"
 
     def __init__(self, corpus: str, overrides: dict, job_dir: str, max_requeues: int, memory: str | None = None):
         self.corpus, self.overrides, self.job_dir = corpus, overrides, Path(job_dir)
@@ -112,16 +116,6 @@ class DataprepJob(submitit.helpers.Checkpointable):
         with open(self.spark_dir / "daemons.json", "a") as f:
             f.write(json.dumps({"host": host, "task": task, "kind": daemon.kind, "pid": daemon.pid}) + "\n")
         return daemon
-
-    def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:
-        """Submitit calls this when SLURM signals the job: requeue it (the stages resume) or stop."""
-        if self.requeues >= self.max_requeues:
-            print(f"not requeued: all {self.max_requeues} requeues used; submit the same command again "
-                  "to write the missing shards", flush=True)
-            return None
-        again = copy.copy(self)
-        again.requeues += 1
-        return submitit.helpers.DelayedSubmission(again)
 
 
 def _reachable(host: str, port: int) -> bool:

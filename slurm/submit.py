@@ -44,7 +44,24 @@ from submitit.slurm.slurm import _make_sbatch_string  # noqa: E402
 from pipeline.config import ConfigError, batch_line, dump_config, load_config  # noqa: E402
 
 
-class PretrainJob(submitit.helpers.Checkpointable):
+class RequeueingJob(submitit.helpers.Checkpointable):
+    """A job that SLURM's signal (time limit, preemption) requeues, at most `max_requeues` times."""
+
+    max_requeues: int
+    requeues: int = 0
+    resume_hint = "submit again with the same --output-dir to continue from the last checkpoint"
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:
+        """Called by Submitit on rank 0 once the work is saved: the same job again, or None to stop."""
+        if self.requeues >= self.max_requeues:
+            print(f"not requeued: all {self.max_requeues} requeues used; {self.resume_hint}", flush=True)
+            return None
+        again = copy.copy(self)
+        again.requeues += 1
+        return submitit.helpers.DelayedSubmission(again)
+
+
+class PretrainJob(RequeueingJob):
     """One task of the job: `train()` on this task's rank; a requeue continues from the checkpoint."""
 
     def __init__(self, config: str, max_requeues: int):
@@ -83,15 +100,6 @@ class PretrainJob(submitit.helpers.Checkpointable):
             submitit_handler(sig, None)
         return summary
 
-    def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:
-        """Called by Submitit on rank 0 once train() has saved: the same job again, or None to stop."""
-        if self.requeues >= self.max_requeues:
-            print(f"not requeued: all {self.max_requeues} requeues used; submit again with the same "
-                  "--output-dir to continue from the last checkpoint", flush=True)
-            return None
-        again = copy.copy(self)
-        again.requeues += 1
-        return submitit.helpers.DelayedSubmission(again)
 
 
 def parse_time(text: str) -> int:
