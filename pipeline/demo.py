@@ -43,7 +43,7 @@ def write_config(out: Path, corpus: dict, tokenizer: Path, args) -> Path:
         "train": {"output_dir": str(run), "steps": args.steps, "warmup_steps": max(1, args.steps // 20),
                   "save_every": max(1, args.steps // 2), "log_every": max(1, args.steps // 20),
                   "eval_every": max(1, args.steps // 2), "zero_stage": 2, "precision": "bf16",
-                  "lr": args.lr, "decay": "cosine"},
+                  "lr": args.lr, "decay": "cosine", "seed": args.seed},
         "eval": {"data": corpus["images_eval"], "modality": "image", "itm_rerank_k": 8, "batch_size": 64},
     }
     if args.no_scl:
@@ -73,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--batch-size", type=int, default=16, help="per process")
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="the pre-training and fine-tuning seed (train.seed)")
     ap.add_argument("--no-finetune", action="store_true", help="skip step 5 (VQA and NLVR2 fine-tuning)")
     ap.add_argument("--finetune-steps", type=int)
     args = ap.parse_args(argv)
@@ -98,7 +99,7 @@ def main(argv=None) -> dict:
         shutil.rmtree(run_dir)
     _launch("pretrain.py", config, args.nproc)
     cfg = load_config(config)
-    summary = {"scl": not args.no_scl, "steps": args.steps, "retrieval": zero_shot(cfg, corpus)}
+    summary = {"scl": not args.no_scl, "steps": args.steps, "seed": args.seed, "retrieval": zero_shot(cfg, corpus)}
     if not args.no_finetune:
         print(f"== 5/5 fine-tuning: VQAv2 and NLVR2 sets of the shapes world, {args.finetune_steps} steps each",
               flush=True)
