@@ -204,6 +204,36 @@ def trainer_section(part, results, seeds, warm, steps, evals) -> str:
             f"(percent) on held-out items; chance: {'; '.join(chances)}. Tails: TensorBoard, the last 10% of the steps.")
 
 
+def publish(text: str, args) -> None:
+    text = ("## Loss presets (`bench/bench_presets.py`)\n\n"
+            f"    python bench/bench_presets.py {' '.join(args.parts)} --seeds {' '.join(map(str, args.seeds))}\n\n"
+            + text)
+    print(text)
+    if args.write:
+        write_section(Path(args.write), args.parts, text, name="bench_presets")
+
+
+def render_log(log: Path, args) -> None:
+    """The sections of an earlier run, from the one JSON line it printed per run (same defaults)."""
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"part"')]
+    sections = []
+    for part in args.parts:
+        runs = [r for r in lines if r["part"] == part]
+        if not runs:
+            raise SystemExit(f"{log}: no finished run of {part}")
+        results, seeds = {}, sorted({r["seed"] for r in runs})
+        for r in runs:
+            results.setdefault(r["run"], []).append(r)
+        warm = args.warm or 200
+        if part == "concept":
+            sections.append(concept_section(results, seeds, warm, args.steps or 150))
+        else:
+            evals = [k for k, v in runs[0].items() if isinstance(v, dict)]
+            steps = args.steps or {"coco": 300, "shapes": 250}[part]
+            sections.append(trainer_section(part, results, seeds, warm, steps, evals))
+    publish("\n\n".join(sections), args)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("parts", nargs="+", choices=["concept", "coco", "shapes"])
@@ -213,7 +243,10 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small corpora and few steps (a smoke run)")
     ap.add_argument("--out", default="runs/bench_presets")
     ap.add_argument("--write", help="replace this benchmark's section of a RESULTS.md")
+    ap.add_argument("--from-log", help="draw the tables of PARTS from the JSON lines of an earlier run's output")
     args = ap.parse_args(argv)
+    if args.from_log:
+        return render_log(Path(args.from_log), args)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     out = Path(args.out).resolve()
@@ -234,10 +267,7 @@ def main(argv=None):
                              out / part / "bench.yaml")
         results = run_trainer(part, args.seeds, warm, steps, out / part, evals, config, finetune)
         sections.append(trainer_section(part, results, args.seeds, warm, steps, evals))
-    text = "\n\n".join(sections)
-    print(text)
-    if args.write:
-        write_section(Path(args.write), args.parts, text, name="bench_presets")
+    publish("\n\n".join(sections), args)
 
 
 if __name__ == "__main__":

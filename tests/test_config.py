@@ -61,6 +61,10 @@ def test_each_preset_sets_its_weights_and_keys_beside_it_win():
     # a key beside the preset (or later) wins; a preset named later resets what came before it
     assert load_config("tiny", ["loss.preset=paper", "loss.scl_text=0.3"]).loss.scl_text == 0.3
     assert load_config("finetune_retrieval", ["loss.preset=paper"]).loss.scl_vision == 1.0
+    # base trains the released code's effective weights (docs/model.md); tiny keeps the default
+    base, tiny = load_config("base").loss, load_config("tiny").loss
+    assert {k: getattr(base, k) for k in LOSS_PRESETS["released"]} == LOSS_PRESETS["released"]
+    assert (base.preset, tiny.preset) == ("released", LossConfig().preset)
     assert load_config("finetune_retrieval").loss.scl_vision == 0.0
     with pytest.raises(ConfigError, match="loss.preset='nope' must be one of"):
         load_config("tiny", ["loss.preset=nope"])
