@@ -114,43 +114,16 @@ def _wait(condition, what: str, timeout: float = TIMEOUT_S):
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("modality", ["image", "video"])
-def test_corpus_on_spark_matches_multiprocessing(cluster, corpus, tmp_path, modality):
-    source = corpus[f"{modality}s"]
-    local = _config(tmp_path / "local.yaml", modality, source, tmp_path / "local", 10, 4)
-    _dataprep("run", local)
-    on_spark = _config(tmp_path / "spark.yaml", modality, source, tmp_path / "spark", 10, 4)
-    log = _dataprep("run", on_spark, *_on_spark(cluster))
-
-    assert _samples(tmp_path / "spark") == _samples(tmp_path / "local") == _table(tmp_path / "spark")
-    assert _ran_on(cluster["root"] / "work_a", log), "no task of the application finished on the worker"
-    assert json.loads((tmp_path / "spark" / "report.json").read_text())["ok"]
+def _local_run(corpus, tmp_path, modality: str, shard_size: int) -> list:
+    """The same corpus through the multiprocessing path: the reference."""
+    _dataprep("run", _config(tmp_path / "local.yaml", modality, corpus[f"{modality}s"], tmp_path / "local",
+                             shard_size, 4))
+    return _samples(tmp_path / "local")
 
 
-def test_worker_killed_mid_job_its_shards_are_redone_elsewhere(cluster, corpus, tmp_path):
-    """kill -9 of a worker and its executor (a node lost): Spark runs its tasks again on the other one."""
-    root = cluster["root"]
-    second = spark.start_worker(cluster["url"], "127.0.0.1", 2, "1g", root / "work_b", root / "worker_b.log")
-    out = tmp_path / "shards"
-    cfg = _config(tmp_path / "c.yaml", "video", corpus["videos"], out, 4, 1)
-    corpus["faults"].delay_s = 0.4
-    try:
-        job = _dataprep("run", cfg, *_on_spark(cluster), wait=False, log=tmp_path / "log")
-        _wait(lambda: list((root / "work_b").glob("app-*/*/stderr")) and list(out.glob("*_stats.json")),
-              "a finished shard with the second worker's executor up")
-        for pid in descendants(second.pid) + [second.pid]:
-            os.kill(pid, signal.SIGKILL)
-        assert job.wait(TIMEOUT_S) == 0, (tmp_path / "log").read_text()[-3000:]
-    finally:
-        corpus["faults"].delay_s = 0
-        second.stop()
-    log = (tmp_path / "log").read_text()
-    assert re.search(r"Lost (task|executor)", log), log[-3000:]  # the driver saw it go and ran its tasks again
-    assert _samples(out) == _table(out)  # no sample missing, none twice
-    assert json.loads((out / "report.json").read_text())["ok"]
-
-
-def test_driver_killed_mid_job_a_rerun_writes_only_the_missing_shards(cluster, corpus, tmp_path):
+def test_images_driver_killed_mid_job_rerun_matches_multiprocessing(cluster, corpus, tmp_path):
+    """img2dataset's pyspark distributor on the cluster; the driver (and its JVM) killed after the first
+    shard: the same command writes only the missing shards, and the shards equal the local run's."""
     out = tmp_path / "shards"
     cfg = _config(tmp_path / "c.yaml", "image", corpus["images"], out, 10, 2)
     corpus["faults"].delay_s = 0.3
@@ -171,5 +144,31 @@ def test_driver_killed_mid_job_a_rerun_writes_only_the_missing_shards(cluster, c
     log = _dataprep("run", cfg, *_on_spark(cluster))
     assert f"6 shards, {6 - len(before)} to do" in log
     assert {n: (out / n).stat().st_mtime_ns for n in before} == before  # finished shards untouched
-    assert _samples(out) == _table(out)
+    assert _ran_on(cluster["root"] / "work_a", log), "no task of the rerun finished on the worker"
+    assert _samples(out) == _local_run(corpus, tmp_path, "image", 10) == _table(out)
+    assert json.loads((out / "report.json").read_text())["ok"]
+
+
+def test_videos_worker_killed_mid_job_shards_redone_elsewhere_match_multiprocessing(cluster, corpus, tmp_path):
+    """The video stage as a Spark job of whole shards; kill -9 of a second worker and its executor (a
+    node lost) while it runs tasks: Spark runs them again on the first, no sample missing, none twice."""
+    root = cluster["root"]
+    second = spark.start_worker(cluster["url"], "127.0.0.1", 2, "1g", root / "work_b", root / "worker_b.log")
+    out = tmp_path / "shards"
+    cfg = _config(tmp_path / "c.yaml", "video", corpus["videos"], out, 4, 1)
+    corpus["faults"].delay_s = 0.4
+    try:
+        job = _dataprep("run", cfg, *_on_spark(cluster), wait=False, log=tmp_path / "log")
+        _wait(lambda: list((root / "work_b").glob("app-*/*/stderr")) and list(out.glob("*_stats.json")),
+              "a finished shard with the second worker's executor up")
+        for pid in descendants(second.pid) + [second.pid]:
+            os.kill(pid, signal.SIGKILL)
+        assert job.wait(TIMEOUT_S) == 0, (tmp_path / "log").read_text()[-3000:]
+    finally:
+        corpus["faults"].delay_s = 0
+        second.stop()
+    log = (tmp_path / "log").read_text()
+    assert re.search(r"Lost (task|executor)", log), log[-3000:]  # the driver saw it go and ran its tasks again
+    assert _ran_on(root / "work_a", log), "no task finished on the surviving worker"
+    assert _samples(out) == _local_run(corpus, tmp_path, "video", 4) == _table(out)
     assert json.loads((out / "report.json").read_text())["ok"]
