@@ -119,9 +119,10 @@ def speed(args) -> None:
         print("|---|---|---|---|---|---|")
         names = {"plain": f"plain, {a} x {b}", "cached": f"contrastive, {a} x {b}", "large": f"none, 1 x {a * b}"}
         for v, negatives in (("plain", b * world), ("cached", a * b * world), ("large", a * b * world)):
+            memory = (f"{mib[v].item():.0f} | {mib[v].item() / max(mib['plain'].item(), 1e-9):.2f}x" if v in mib
+                      else "- | -")  # only the variants of --order are measured
             print(f"| {names[v]} | {negatives} | {med[v].item():.0f} | "
-                  f"{med[v].item() / med['plain'].item():.2f}x | {mib[v].item():.0f} | "
-                  f"{mib[v].item() / max(mib['plain'].item(), 1e-9):.2f}x |")
+                  f"{med[v].item() / med['plain'].item():.2f}x | {memory} |")
         print(json.dumps({"step_ms": {v: t.item() for v, t in med.items()},
                           "peak_mib": {v: t.item() for v, t in mib.items()}}))
 

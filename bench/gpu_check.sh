@@ -25,7 +25,7 @@ if [ "$SMOKE" = "--smoke" ]; then
 else
   MFU="--steps 60 --warmup 15 --batch-size 32"; SDPA="--batch-size 8"; MEM="--steps 3 --batch-size 8"
   LOADER="--images 128 --videos 16 --sizes 224 --repeats 1"; LIMIT=150
-  ACCUM="--config base --accum 4 --batch-size 16 --steps 4 --order plain,cached"
+  ACCUM="--config base --accum 4 --batch-size 16 --steps 4 --order plain,cached,large"
 fi
 RUN1=(python -m torch.distributed.run --nproc_per_node 1 --master_addr 127.0.0.1 --master_port $((29500 + RANDOM % 1000)))
 
