@@ -10,7 +10,8 @@
 #   bash bench/gpu_check.sh OUT_DIR --smoke    # the same steps, tiny and short, on a CPU
 #
 # Every step has its own time limit and the script goes on after a failure; each step's output is
-# in OUT_DIR/<step>.log and the JSON lines are gathered in OUT_DIR/summary.jsonl.
+# in OUT_DIR/<step>.log, the JSON lines are gathered in OUT_DIR/summary.jsonl, and
+# bench/gpu_report.py draws OUT_DIR/report.md (the RESULTS.md section) from them.
 set -u
 OUT=${1:-gpu_check_out}
 SMOKE=${2:-}
@@ -53,4 +54,5 @@ step sdpa_images   60 python bench/bench_sdpa.py $SDPA
 step sdpa_videos   60 python bench/bench_sdpa.py $SDPA --frames 4
 step loader        "$LIMIT" python bench/bench_loader.py $LOADER
 step accum         "$LIMIT" "${RUN1[@]}" bench/bench_accum.py speed $ACCUM
-echo "done: $OUT/summary.jsonl"
+python bench/gpu_report.py "$OUT" --label "$(head -n 1 "$OUT/device.txt")" > "$OUT/report.md"
+echo "done: $OUT/summary.jsonl, $OUT/report.md (python bench/gpu_report.py $OUT --write bench/RESULTS.md)"
