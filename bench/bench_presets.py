@@ -148,7 +148,7 @@ def shapes_setup(out: Path, steps: int, quick: bool) -> tuple[Path, dict, object
     tok = out / "tokenizer"
     if not tok.exists():
         train_tokenizer([" ".join(corpus["vocabulary"] + task_words())] * 8, tok, vocab_size=400)
-    args = SimpleNamespace(no_scl=False, steps=steps, batch_size=16, lr=5e-4, quick=quick, nproc=2,
+    args = SimpleNamespace(no_scl=False, steps=steps, batch_size=16, lr=5e-4, quick=quick, nproc=2, seed=0,
                            finetune_steps=12 if quick else 300)
     config = demo.write_config(out, corpus, tok, args)
     evals = {"shapes_images": (corpus["images_eval"], "image", None),
