@@ -7,7 +7,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 stamp_dir=${XDG_CACHE_HOME:-$HOME/.cache}/scl-pretrain
 stamp="$stamp_dir/setup-$(cat setup.cfg scripts/setup.sh | sha1sum | cut -c1-12)-$(pwd | sha1sum | cut -c1-8)"
-if [ -f "$stamp" ] && "$PY" -c "import pipeline, deepspeed, timm, webdataset, img2dataset, submitit" 2>/dev/null; then
+# The import check runs outside the checkout (the current directory would hide a missing or stale
+# install) and asks that the installed project is this checkout.
+root=$PWD
+if [ -f "$stamp" ] && (cd / && "$PY" -c "import os, sys, pipeline, deepspeed, timm, webdataset, img2dataset, submitit
+sys.exit(os.path.dirname(os.path.dirname(os.path.realpath(pipeline.__file__))) != os.path.realpath(sys.argv[1]))" "$root") >/dev/null 2>&1; then
   exit 0
 fi
 echo "[setup] installing torch, torchvision and the project (pip)"
