@@ -53,17 +53,12 @@ def _add_config_args(p: argparse.ArgumentParser, config_required: bool = True) -
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    from .config import parse_value
+    from .config import parse_settings
 
     out = {key: getattr(args, f"set_{key}") for _, key, _ in _OVERRIDES}
     if getattr(args, "fresh", False):
         out["incremental"] = False
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise DataprepError(f"--set takes KEY=VALUE, not {item!r}")
-        out[key.strip()] = parse_value(value)
-    return out
+    return {**out, **parse_settings(args.set, "--set")}
 
 
 def build_parser() -> argparse.ArgumentParser:

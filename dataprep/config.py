@@ -109,6 +109,17 @@ def parse_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
+def parse_settings(items: list[str], flag: str) -> dict[str, Any]:
+    """Command-line `KEY=VALUE` settings (`flag` names where they came from in the error)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise DataprepError(f"{flag} takes KEY=VALUE, not {item!r}")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
 def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> CorpusConfig:
     with open(config_path(name_or_path), encoding="utf-8") as f:
         data = yaml.safe_load(f) or {}

@@ -101,7 +101,6 @@ class PretrainJob(RequeueingJob):
         return summary
 
 
-
 def parse_time(text: str) -> int:
     """A SLURM time limit (`72:00:00`, `3-00:00:00`, `1-12`, `90`, `90:30`) in whole minutes."""
     days, _, clock = text.rpartition("-")
@@ -240,7 +239,8 @@ def main(argv=None):
 
     job_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, job_dir / "config.yaml")
-    job = make_executor(args, train_parameters(args, cfg), folder).submit(PretrainJob(str(job_dir / "config.yaml"), args.max_requeues))
+    job = make_executor(args, train_parameters(args, cfg), folder).submit(
+        PretrainJob(str(job_dir / "config.yaml"), args.max_requeues))
     if args.cluster == "debug":
         print(job.result())
         return job
@@ -262,18 +262,13 @@ def submit_dataprep(args):
     """One task per node: Spark master, workers and driver inside the allocation (slurm/spark_job.py)."""
     from dataprep.common import DataprepError
     from dataprep.config import load_config as load_corpus
-    from dataprep.config import parse_value
+    from dataprep.config import parse_settings
 
-    overrides = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--dataprep settings take KEY=VALUE, not {item!r}")
-        overrides[key.strip()] = parse_value(value)
-    if args.data_root:
-        overrides["data_root"] = str(Path(args.data_root).resolve())
     # checked here, before the queue: the master's URL is only known inside the job
     try:
+        overrides = parse_settings(args.overrides, "each --dataprep setting")
+        if args.data_root:
+            overrides["data_root"] = str(Path(args.data_root).resolve())
         cfg = load_corpus(args.dataprep, {**overrides, "distributor": "spark", "spark_master": "spark://unknown:0"})
     except DataprepError as err:
         raise SystemExit(f"--dataprep {args.dataprep}: {err}") from None
