@@ -50,7 +50,7 @@ def finished_shards(output_dir: str) -> set[int]:
     return {int(m.group(1)) for m in map(STATS_RE.match, names) if m}
 
 
-SHARD_FILE_RE = re.compile(r"^\d+(\.tar|\.parquet|_stats\.json)(\.tmp)?$")
+SHARD_FILE_RE = re.compile(r"^(\d+)(\.tar|\.parquet|_stats\.json)(\.tmp)?$")  # group 1: the shard id
 RETRIES = "_prep/retries.json"  # {shard id: times its retriable failures were retried}
 
 
@@ -82,7 +82,7 @@ def reopen_shards(output_dir: str, shard_ids) -> None:
     fs, path = url_to_fs(output_dir)
     ids = set(shard_ids)
     for p in fs.ls(path, detail=False):
-        m = re.match(r"^(\d+)(\.tar|\.parquet|_stats\.json)(\.tmp)?$", p.rsplit("/", 1)[-1])
+        m = SHARD_FILE_RE.match(p.rsplit("/", 1)[-1])
         if m and int(m.group(1)) in ids:
             fs.rm(p)
     rounds = retry_rounds(output_dir)
