@@ -137,19 +137,11 @@ def run_trainer(part: str, seeds, warm: int, steps: int, out: Path, evals: dict,
 
 
 def shapes_setup(out: Path, steps: int, quick: bool) -> tuple[Path, dict, object]:
-    from dataprep.demo_corpus import build_demo_corpus
-    from dataprep.shapes_tasks import vocabulary as task_words
     from pipeline import demo
-    from pipeline.data import train_tokenizer
 
-    sizes = dict(n_images=300, n_videos=60, n_eval_images=40, n_eval_videos=20) if quick else \
-        dict(n_images=4000, n_videos=800, n_eval_images=100, n_eval_videos=60)
-    corpus = build_demo_corpus(out / "data", seed=0, **sizes)
-    tok = out / "tokenizer"
-    if not tok.exists():
-        train_tokenizer([" ".join(corpus["vocabulary"] + task_words())] * 8, tok, vocab_size=400)
     args = SimpleNamespace(no_scl=False, steps=steps, batch_size=16, lr=5e-4, quick=quick, nproc=2, seed=0,
                            finetune_steps=12 if quick else 300)
+    corpus, tok = demo.prepare_data(out, args)  # the demo's corpus and tokenizer, at the demo's sizes
     config = demo.write_config(out, corpus, tok, args)
     evals = {"shapes_images": (corpus["images_eval"], "image", None),
              "shapes_videos": (corpus["videos_eval"], "video", None)}
